@@ -1,0 +1,227 @@
+"""The ViT backbone registry: timm's ``VisionTransformer`` plus a visible-token forward.
+
+Every registered backbone is a :class:`Backbone`, a subclass of timm's public
+``VisionTransformer`` with no head, so its state-dict keys are exactly timm's and an
+exported encoder loads into ``timm.create_model(<timm name>, num_classes=0)`` unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from timm.models import checkpoint_seq
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from mimkit.models.pos_embed import sincos_2d
+
+ENCODER_WEIGHTS = "encoder.safetensors"
+ENCODER_CONFIG = "encoder.json"
+POS_EMBED_TYPES = ("sincos", "learn")
+
+# Keyword arguments a caller may override on top of a preset. Architecture dimensions are
+# overridable so tests can build tiny models; the export records every one of them.
+OVERRIDABLE = (
+    "img_size",
+    "patch_size",
+    "in_chans",
+    "pos_embed",
+    "embed_dim",
+    "depth",
+    "num_heads",
+    "mlp_ratio",
+    "qkv_bias",
+    "init_values",
+    "drop_path_rate",
+)
+
+
+class Backbone(VisionTransformer):
+    """A headless timm ViT that can also run on the visible patches only.
+
+    Args:
+        name: registry name, recorded in the export.
+        timm_name: the timm model of the same architecture (for export and interop).
+        pos_embed: ``"sincos"`` (MAE's fixed 2D table, frozen) or ``"learn"`` (trainable,
+            timm's truncated-normal init).
+        **vit_kwargs: forwarded to ``VisionTransformer``.
+    """
+
+    def __init__(self, name: str, timm_name: str, pos_embed: str = "sincos", **vit_kwargs: Any):
+        if pos_embed not in POS_EMBED_TYPES:
+            raise ValueError(f"unknown pos_embed {pos_embed!r}; valid: {', '.join(POS_EMBED_TYPES)}")
+        vit_kwargs.setdefault("norm_layer", partial(nn.LayerNorm, eps=1e-6))
+        super().__init__(num_classes=0, global_pool="token", pos_embed="learn", **vit_kwargs)
+        self.name = name
+        self.timm_name = timm_name
+        self.pos_embed_type = pos_embed
+        if pos_embed == "sincos":
+            with torch.no_grad():
+                self.pos_embed.copy_(sincos_2d(self.embed_dim, self.grid_size)[None])
+            self.pos_embed.requires_grad_(False)
+        self.config = {
+            "name": name,
+            "timm_name": timm_name,
+            "img_size": list(self.patch_embed.img_size),
+            "patch_size": self.patch_size,
+            "in_chans": self.in_chans,
+            "pos_embed": pos_embed,
+            "embed_dim": self.embed_dim,
+            "depth": len(self.blocks),
+            "num_heads": self.blocks[0].attn.num_heads,
+            "mlp_ratio": self.blocks[0].mlp.fc1.out_features / self.embed_dim,
+            "qkv_bias": self.blocks[0].attn.qkv.bias is not None,
+            "init_values": vit_kwargs.get("init_values"),
+        }
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """Patch grid (rows, cols)."""
+        return tuple(self.patch_embed.grid_size)
+
+    @property
+    def patch_size(self) -> int:
+        return self.patch_embed.patch_size[0]
+
+    @property
+    def num_patches(self) -> int:
+        return self.patch_embed.num_patches
+
+    def forward_visible(self, images: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
+        """Encode only the kept patches, MAE-style.
+
+        Args:
+            images: (B, C, H, W).
+            ids_keep: (B, K) long indices of the kept patches (row-major patch order).
+
+        Returns:
+            (B, 1 + K, D): the final-normed cls token followed by the kept tokens, in the
+            order of ``ids_keep``. The position embedding is added before selection, so each
+            token keeps its own position.
+        """
+        x = self.patch_embed(images)
+        x = x + self.pos_embed[:, self.num_prefix_tokens :]
+        x = torch.gather(x, 1, ids_keep[..., None].expand(-1, -1, x.shape[-1]))
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+        x = self.pos_drop(torch.cat([cls, x], dim=1))
+        x = self.norm_pre(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq(self.blocks, x)
+        else:
+            x = self.blocks(x)
+        return self.norm(x)
+
+
+# Registry: a decorator, a dict and a list function.
+_REGISTRY: dict[str, Callable[..., Backbone]] = {}
+
+
+def register_backbone(fn: Callable[..., Backbone]) -> Callable[..., Backbone]:
+    """Register a backbone factory under its function name."""
+    _REGISTRY[fn.__name__] = fn
+    return fn
+
+
+def list_backbones() -> list[str]:
+    """Names of the registered backbones."""
+    return sorted(_REGISTRY)
+
+
+def create_backbone(name: str, **overrides: Any) -> Backbone:
+    """Build a registered backbone; ``overrides`` replace the preset's keyword defaults."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown backbone {name!r}; valid: {', '.join(list_backbones())}")
+    unknown = sorted(set(overrides) - set(OVERRIDABLE) - {"name", "timm_name"})
+    if unknown:
+        raise ValueError(
+            f"unknown backbone override(s) {', '.join(unknown)} for {name!r}; valid: {', '.join(OVERRIDABLE)}"
+        )
+    overrides = {k: v for k, v in overrides.items() if k not in ("name", "timm_name")}
+    if isinstance(overrides.get("img_size"), list):
+        overrides["img_size"] = tuple(overrides["img_size"])
+    return _REGISTRY[name](**overrides)
+
+
+def _build(name: str, timm_name: str, preset: dict[str, Any], overrides: dict[str, Any]) -> Backbone:
+    kwargs = {"img_size": 224, "in_chans": 3, "mlp_ratio": 4.0, "qkv_bias": True, **preset, **overrides}
+    return Backbone(name=name, timm_name=timm_name, **kwargs)
+
+
+@register_backbone
+def vit_tiny_patch16(**overrides: Any) -> Backbone:
+    """ViT-Ti/16: 192 wide, 12 deep, 3 heads."""
+    preset = {"patch_size": 16, "embed_dim": 192, "depth": 12, "num_heads": 3}
+    return _build("vit_tiny_patch16", "vit_tiny_patch16_224", preset, overrides)
+
+
+@register_backbone
+def vit_small_patch16(**overrides: Any) -> Backbone:
+    """ViT-S/16: 384 wide, 12 deep, 6 heads."""
+    preset = {"patch_size": 16, "embed_dim": 384, "depth": 12, "num_heads": 6}
+    return _build("vit_small_patch16", "vit_small_patch16_224", preset, overrides)
+
+
+@register_backbone
+def vit_base_patch16(**overrides: Any) -> Backbone:
+    """ViT-B/16: 768 wide, 12 deep, 12 heads."""
+    preset = {"patch_size": 16, "embed_dim": 768, "depth": 12, "num_heads": 12}
+    return _build("vit_base_patch16", "vit_base_patch16_224", preset, overrides)
+
+
+@register_backbone
+def vit_large_patch16(**overrides: Any) -> Backbone:
+    """ViT-L/16: 1024 wide, 24 deep, 16 heads."""
+    preset = {"patch_size": 16, "embed_dim": 1024, "depth": 24, "num_heads": 16}
+    return _build("vit_large_patch16", "vit_large_patch16_224", preset, overrides)
+
+
+@register_backbone
+def vit_huge_patch14(**overrides: Any) -> Backbone:
+    """ViT-H/14: 1280 wide, 32 deep, 16 heads."""
+    preset = {"patch_size": 14, "embed_dim": 1280, "depth": 32, "num_heads": 16}
+    return _build("vit_huge_patch14", "vit_huge_patch14_224", preset, overrides)
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Write through a temporary name and rename, so a killed process never leaves a half file."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    write(str(tmp))
+    os.replace(tmp, path)
+
+
+def save_backbone(backbone: Backbone, directory: str | os.PathLike, extra: dict | None = None) -> Path:
+    """Export ``encoder.safetensors`` + ``encoder.json`` into ``directory``; returns the weights path."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
+    config = {"format": "mimkit-encoder-v1", **backbone.config, **(extra or {})}
+    weights = directory / ENCODER_WEIGHTS
+    _atomic_write(weights, lambda p: save_file(state, p))
+    _atomic_write(directory / ENCODER_CONFIG, lambda p: Path(p).write_text(json.dumps(config, indent=2)))
+    return weights
+
+
+def load_backbone(path: str | os.PathLike, map_location: str = "cpu") -> Backbone:
+    """Rebuild an exported encoder from its directory, its ``.safetensors`` or its ``.json``."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / ENCODER_WEIGHTS
+    weights, config_path = path.with_suffix(".safetensors"), path.with_suffix(".json")
+    for needed in (weights, config_path):
+        if not needed.is_file():
+            raise FileNotFoundError(
+                f"encoder file {needed} not found (an export holds both "
+                f"{ENCODER_WEIGHTS} and {ENCODER_CONFIG})"
+            )
+    config = json.loads(config_path.read_text())
+    arch = {k: config[k] for k in OVERRIDABLE if k in config and config[k] is not None}
+    backbone = create_backbone(config["name"], **arch)
+    backbone.load_state_dict(load_file(str(weights), device=map_location), strict=True)
+    return backbone
