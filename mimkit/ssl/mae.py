@@ -82,6 +82,10 @@ class MAE(nn.Module):
         )
         init_mae_weights(self)
 
+    def set_epoch(self, epoch: int) -> None:
+        """Let an epoch-scheduled mask generator (e.g. ColorMAE's colour schedule) switch."""
+        self.mask_generator.set_epoch(epoch)
+
     def forward(self, batch: dict, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Reconstruct the masked patches of ``batch["image"]`` (B, C, H, W).
 

@@ -53,6 +53,9 @@ class MaskGenerator:
     def sample(self, batch_size: int, grid_size: tuple[int, int], generator: torch.Generator | None):
         raise NotImplementedError
 
+    def set_epoch(self, epoch: int) -> None:
+        """Called before each epoch; a no-op unless the generator follows a schedule."""
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(ratio={self.ratio})"
 

@@ -102,3 +102,10 @@ def test_build_errors_name_the_bad_value():
         build_method({**TINY, "mask": {"type": "random", "ratio": 1.2}})
     with pytest.raises(ValueError, match="vit_mega"):
         build_method({**TINY, "backbone": {"name": "vit_mega"}})
+
+
+def test_vit_base_mae_has_the_published_parameter_count():
+    # mmpretrain's model zoo lists MAE ViT-B/16 (encoder + dec512d8b) at 111.91 M parameters,
+    # counting the frozen sin-cos tables.
+    model = build_method({"name": "mae", "backbone": {"name": "vit_base_patch16"}})
+    assert round(sum(p.numel() for p in model.parameters()) / 1e6, 2) == 111.91
