@@ -29,8 +29,16 @@ job="${1:-}"
 shift || true
 case "$job" in
   demo)
-    "$PY" tools/pretrain.py recipes/demo/mae_vit_tiny.yaml "run.dir=${MIMKIT_DEMO_DIR:-runs/demo}" "$@"
-    "$PY" tools/visualize.py recon "${MIMKIT_DEMO_DIR:-runs/demo}"
+    run_dir="${MIMKIT_DEMO_DIR:-runs/demo}"
+    "$PY" tools/pretrain.py recipes/demo/mae_vit_tiny.yaml "run.dir=$run_dir" "$@"
+    "$PY" tools/visualize.py recon "$run_dir"
+    "$PY" tools/visualize.py curves "$run_dir"
+    # the pretrained encoder next to a random init of its shape: k-NN and the cached linear probe
+    "$PY" tools/compare_random.py --encoder "$run_dir" --train "synthetic:shapes?size=64&train=1000&val=500" \
+      --json "$run_dir/eval.json"
+    # in-context (Hummingbird-style) dense retrieval segmentation, pretrained vs random init
+    "$PY" tools/incontext.py seg --encoder "$run_dir" --train "synthetic:shapes?size=64&train=256&val=128" \
+      --vs-random --json "$run_dir/incontext.json"
     ;;
   test)
     "$VENV/bin/ruff" check .

@@ -28,10 +28,10 @@ from mimkit.visualize import default_mask_kinds, plot_curves, plot_masks, recons
 
 
 def recon(run_dir: Path, num: int, seed: int, out: Path | None) -> Path:
-    from mimkit.train import load_method, load_recipe_of_run
+    from mimkit.train import load_method, load_recipe
 
     method = load_method(run_dir).eval()
-    recipe = load_recipe_of_run(run_dir)
+    recipe = load_recipe(run_dir / "recipe.yaml", check_data=False)
     img_size = method.encoder.config["img_size"][0]
     val = build_source(recipe.data.source, split="val", transform=build_transform("eval", img_size))
     images = torch.stack([val[i]["image"] for i in range(min(num, len(val)))])

@@ -2,6 +2,7 @@
 
 from mimkit.data.folder import IMAGE_EXTENSIONS, ImageFolderSource, load_image
 from mimkit.data.sample import SPLITS, make_sample
+from mimkit.data.shards import write_shards
 from mimkit.data.sources import SOURCE_SCHEMES, build_source, register_scheme
 from mimkit.data.synthetic import SHAPES, SYNTHETIC_SETS, Scene, SyntheticShapes, render_shapes
 from mimkit.data.transforms import (
@@ -13,8 +14,10 @@ from mimkit.data.transforms import (
     eval_transform,
     pretrain_transform,
 )
+from mimkit.data.wds import BadSampleWarning, Shard, WebDatasetSource, resolve_shards
 
 __all__ = [
+    "BadSampleWarning",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "IMAGE_EXTENSIONS",
@@ -22,7 +25,9 @@ __all__ = [
     "SOURCE_SCHEMES",
     "SPLITS",
     "SYNTHETIC_SETS",
+    "Shard",
     "TRANSFORM_KINDS",
+    "WebDatasetSource",
     "ImageFolderSource",
     "Scene",
     "SyntheticShapes",
@@ -35,4 +40,6 @@ __all__ = [
     "pretrain_transform",
     "register_scheme",
     "render_shapes",
+    "resolve_shards",
+    "write_shards",
 ]

@@ -6,7 +6,7 @@
 - ``folder:PATH``: an image folder in ImageFolder layout, optionally with ``train/`` and ``val/``.
 
 A scheme is a function ``(spec, split, transform) -> Dataset`` registered in :data:`SOURCE_SCHEMES`
-with :func:`register_scheme`; webdataset shards (``wds:``) will plug in the same way.
+with :func:`register_scheme`; webdataset shards (``wds:``, :mod:`mimkit.data.wds`) plug in the same way.
 """
 
 from __future__ import annotations
@@ -93,4 +93,4 @@ def _folder(spec: str, split: str, transform: Transform | None) -> Dataset:
     return ImageFolderSource(spec, split, transform)
 
 
-# "wds" (webdataset tar shards, e.g. wds:/data/train-{000000..000127}.tar) registers here next.
+# "wds" (webdataset tar shards, e.g. wds:/data/train-{000000..000127}.tar) registers in mimkit.data.wds.

@@ -1,0 +1,99 @@
+"""Frozen-encoder evaluation: feature extraction, linear probes (MAE, DINOv2 grid), weighted k-NN, few-shot,
+in-context segmentation (dense retrieval) and classification.
+
+Importing this package also registers the ``voc:`` and ``ade20k:`` segmentation sources
+(:mod:`mimkit.eval.seg_data`).
+
+Every protocol reads features after the encoder's final norm (:mod:`mimkit.eval.features`) and
+returns a result dict ``{"tool", "protocol", "encoder", "data", "settings", "results"}`` that
+the tools print as a table and write as JSON (:mod:`mimkit.eval.common`).
+"""
+
+from mimkit.eval.common import add_eval_args, format_table, write_json
+from mimkit.eval.compare import compare_encoders, format_comparison
+from mimkit.eval.features import (
+    describe_encoder,
+    encode,
+    encoder_digest,
+    extract_features,
+    load_encoder,
+    source_features,
+)
+from mimkit.eval.heads import LinearHead
+from mimkit.eval.incontext import (
+    MemoryBank,
+    benchmark_incontext,
+    build_memory,
+    compare_incontext,
+    evaluate_memory,
+    format_segmentation,
+    incontext_segmentation,
+)
+from mimkit.eval.incontext_cls import format_classification, incontext_classification, prototype_top1
+from mimkit.eval.knn import (
+    KNN_KS,
+    KNN_TEMPERATURE,
+    draw_per_class,
+    few_shot_knn,
+    format_knn,
+    knn_eval,
+    knn_top1,
+    nearest_neighbours,
+    weighted_vote,
+)
+from mimkit.eval.lars import LARS
+from mimkit.eval.linear_probe import (
+    DINOV2_LRS,
+    PRESETS,
+    GridProbe,
+    MaeProbe,
+    format_linear_probe,
+    linear_probe,
+    preset_settings,
+    train_grid_probe,
+    train_mae_probe,
+)
+
+__all__ = [
+    "DINOV2_LRS",
+    "KNN_KS",
+    "KNN_TEMPERATURE",
+    "LARS",
+    "PRESETS",
+    "GridProbe",
+    "LinearHead",
+    "MemoryBank",
+    "MaeProbe",
+    "add_eval_args",
+    "benchmark_incontext",
+    "build_memory",
+    "compare_incontext",
+    "compare_encoders",
+    "describe_encoder",
+    "draw_per_class",
+    "encode",
+    "encoder_digest",
+    "evaluate_memory",
+    "extract_features",
+    "few_shot_knn",
+    "format_classification",
+    "format_comparison",
+    "format_knn",
+    "format_linear_probe",
+    "format_segmentation",
+    "format_table",
+    "incontext_classification",
+    "incontext_segmentation",
+    "knn_eval",
+    "knn_top1",
+    "linear_probe",
+    "load_encoder",
+    "nearest_neighbours",
+    "preset_settings",
+    "prototype_top1",
+    "source_features",
+    "train_grid_probe",
+    "train_mae_probe",
+    "weighted_vote",
+    "write_json",
+]

@@ -1,0 +1,347 @@
+"""Frozen encoders and the features every evaluation protocol reads.
+
+Three features per image, all taken after the encoder's final LayerNorm (DINO's and DINOv2's
+``get_intermediate_layers(n, norm=True)`` convention; MAE's linear probe reads the first):
+
+- ``cls``: the final-normed cls token of the last block, (N, D);
+- ``patch_mean``: the mean of the last block's final-normed patch tokens (cls excluded), (N, D);
+- ``last_cls``: the cls tokens of the last n blocks, each through the final norm, oldest block
+  first, (N, n, D); ``last_cls[:, -1]`` is ``cls``.
+
+Encoders come from :func:`load_encoder` (an export, a run directory, or a registry name with a
+checkpoint; ``random_init`` gives an untrained encoder of the same shape). Features of a whole
+labelled source come from :func:`source_features`, optionally through an on-disk cache keyed by
+the encoder's weights, the source, the split and the transform.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from timm.layers import resample_abs_pos_embed
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from mimkit.data import build_source, build_transform
+from mimkit.models import Backbone, create_backbone, list_backbones, load_backbone
+from mimkit.models.backbone import ENCODER_CONFIG, ENCODER_WEIGHTS, OVERRIDABLE
+from mimkit.models.pos_embed import sincos_2d
+
+FEATURE_KEYS = ("cls", "patch_mean", "last_cls", "label")
+# Autocast dtypes of the frozen forward pass (MAE's probe and DINOv2's evaluations run under
+# autocast); features are returned in float32 whatever the precision.
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# ----------------------------------------------------------------------------- encoders
+
+
+def _find_export(path: Path) -> Path:
+    """The ``encoder.safetensors`` that ``path`` names (a file, an export or a run directory)."""
+    if path.is_dir():
+        weights = path / ENCODER_WEIGHTS
+        if weights.is_file() or (path / ENCODER_CONFIG).is_file():
+            return weights
+        if (path / "metrics.jsonl").is_file() or (path / "checkpoints").is_dir():
+            raise FileNotFoundError(
+                f"run directory {path} holds no exported encoder yet ({ENCODER_WEIGHTS} + {ENCODER_CONFIG} "
+                "are written when pretraining ends)"
+            )
+        raise FileNotFoundError(
+            f"directory {path} holds no {ENCODER_WEIGHTS}; expected an encoder export or a "
+            "pretraining run directory"
+        )
+    if path.suffix in (".safetensors", ".json"):
+        return path.with_suffix(".safetensors")
+    raise ValueError(f"encoder file {path} is neither {ENCODER_WEIGHTS} nor {ENCODER_CONFIG}")
+
+
+def _arch(config: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: config[k] for k in OVERRIDABLE if k in config and config[k] is not None}
+
+
+def _resized_state(state: dict[str, torch.Tensor], model: Backbone) -> dict[str, torch.Tensor]:
+    """Fit a state dict to ``model``'s patch grid: a sin-cos table is regenerated, a learned one resampled."""
+    old = state["pos_embed"]
+    if old.shape == model.pos_embed.shape:
+        return state
+    if model.pos_embed_type == "sincos":
+        new = sincos_2d(model.embed_dim, model.grid_size)[None]
+    else:
+        n_old = old.shape[1] - model.num_prefix_tokens
+        side = int(round(n_old**0.5))
+        if side * side != n_old:
+            raise ValueError(
+                f"cannot resample a learned position table of {n_old} patches (not a square grid)"
+            )
+        new = resample_abs_pos_embed(
+            old, list(model.grid_size), [side, side], num_prefix_tokens=model.num_prefix_tokens
+        )
+    return {**state, "pos_embed": new.to(old.dtype)}
+
+
+def _random_backbone(name: str, arch: dict[str, Any], seed: int) -> Backbone:
+    """An untrained backbone, seeded without disturbing the caller's RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return create_backbone(name, **arch)
+
+
+def _read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} not found")
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state.get("model", state)
+
+
+def load_encoder(
+    spec: str | os.PathLike,
+    *,
+    random_init: bool = False,
+    img_size: int | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> Backbone:
+    """A frozen encoder in eval mode on ``device``.
+
+    Args:
+        spec: an export directory or pretraining run directory (holding ``encoder.safetensors`` and
+            ``encoder.json``), either of those two files, or a registered backbone name (which
+            needs ``checkpoint`` or ``random_init``).
+        random_init: build an untrained encoder of the same shape (timm's initialisation, seeded by
+            ``seed``), the floor every result is read against; only the JSON config is read.
+        img_size: evaluate at this resolution (default: the encoder's own). A sin-cos position
+            table is regenerated for the new grid; a learned one is resampled bicubically.
+        checkpoint: a timm-keyed state dict (``.safetensors`` or a torch file, optionally under
+            ``"model"``) for a registry-name ``spec``.
+        seed: the seed of ``random_init``.
+
+    The returned module carries ``origin``, a dict describing where it came from.
+    """
+    path = Path(spec)
+    if path.exists():
+        weights = _find_export(path)
+        config_path = weights.with_suffix(".json")
+        if not config_path.is_file():
+            raise FileNotFoundError(f"encoder config {config_path} not found next to {weights}")
+        config = json.loads(config_path.read_text())
+        if random_init:
+            model = _random_backbone(config["name"], _arch(config), seed)
+        else:
+            model = load_backbone(weights)
+    elif str(spec) in list_backbones():
+        if random_init:
+            model = _random_backbone(str(spec), {}, seed)
+        elif checkpoint is None:
+            raise ValueError(f"backbone name {spec!r} needs a checkpoint or random_init=True (--random-init)")
+        else:
+            model = create_backbone(str(spec))
+            model.load_state_dict(_resized_state(_read_state_dict(checkpoint), model), strict=True)
+    else:
+        raise FileNotFoundError(
+            f"encoder {str(spec)!r} not found: expected an export directory, {ENCODER_WEIGHTS}, a "
+            f"pretraining run directory, or a backbone name ({', '.join(list_backbones())}) with a "
+            "checkpoint or --random-init"
+        )
+    if img_size is not None and [img_size, img_size] != list(model.patch_embed.img_size):
+        resized = create_backbone(model.name, **{**_arch(model.config), "img_size": img_size})
+        resized.load_state_dict(_resized_state(model.state_dict(), resized), strict=True)
+        model = resized
+    model.origin = {
+        "spec": str(spec),
+        "path": str(path.resolve()) if path.exists() else None,
+        "random_init": random_init,
+        "seed": seed if random_init else None,
+    }
+    return model.to(device).eval().requires_grad_(False)
+
+
+def encoder_digest(encoder: torch.nn.Module) -> str:
+    """SHA-256 over the encoder's state dict (names, shapes, dtypes and values), hex."""
+    h = hashlib.sha256()
+    for key, value in sorted(encoder.state_dict().items()):
+        value = value.detach().cpu().contiguous()
+        h.update(f"{key}:{tuple(value.shape)}:{value.dtype}".encode())
+        h.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+    return h.hexdigest()
+
+
+def describe_encoder(encoder: Backbone) -> dict[str, Any]:
+    """Where an encoder came from and what it is, for result files."""
+    return {
+        **getattr(encoder, "origin", {"spec": None, "random_init": False}),
+        "sha256": encoder_digest(encoder)[:16],
+        "config": dict(encoder.config),
+        "img_size": list(encoder.patch_embed.img_size),
+    }
+
+
+# ----------------------------------------------------------------------------- features
+
+
+@torch.no_grad()
+def encode(
+    encoder: Backbone, images: torch.Tensor, n_last_blocks: int = 1, precision: str = "fp32"
+) -> dict[str, torch.Tensor]:
+    """Float32 features of one batch of images (B, C, H, W); see the module docstring for the keys."""
+    depth = len(encoder.blocks)
+    if not 1 <= n_last_blocks <= depth:
+        raise ValueError(f"n_last_blocks={n_last_blocks} must be between 1 and the encoder's depth {depth}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+    dtype = PRECISIONS[precision]
+    with torch.autocast(images.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        outs = encoder.forward_intermediates(
+            images,
+            indices=n_last_blocks,
+            norm=True,
+            return_prefix_tokens=True,
+            output_fmt="NLC",
+            intermediates_only=True,
+        )
+    last_cls = torch.stack([prefix[:, 0] for _, prefix in outs], dim=1).float()
+    return {"cls": last_cls[:, -1], "patch_mean": outs[-1][0].float().mean(dim=1), "last_cls": last_cls}
+
+
+def _loader(dataset: Dataset, batch_size: int, workers: int, device: torch.device) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+    )
+
+
+@torch.no_grad()
+def extract_features(
+    encoder: Backbone | Mapping[str, Backbone],
+    dataset: Dataset,
+    *,
+    n_last_blocks: int = 1,
+    precision: str = "fp32",
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    workers: int = 0,
+    progress: bool = True,
+    desc: str = "features",
+) -> dict[str, torch.Tensor] | dict[str, dict[str, torch.Tensor]]:
+    """Features of every sample of ``dataset`` (float32 on the CPU), plus ``label`` where it has one.
+
+    ``encoder`` may be a mapping of names to encoders: they then share one pass over the data
+    (images decoded and transformed once) and the result maps the same names to features.
+    """
+    device = torch.device(device)
+    encoders = dict(encoder) if isinstance(encoder, Mapping) else {"": encoder}
+    for model in encoders.values():
+        model.to(device).eval()
+    parts: dict[str, dict[str, list[torch.Tensor]]] = {name: {} for name in encoders}
+    labels: list[torch.Tensor] = []
+    for batch in tqdm(
+        _loader(dataset, batch_size, workers, device), desc=desc, disable=not progress, leave=False
+    ):
+        images = batch["image"].to(device, non_blocking=True)
+        for name, model in encoders.items():
+            for key, value in encode(model, images, n_last_blocks, precision).items():
+                parts[name].setdefault(key, []).append(value.cpu())
+        if "label" in batch:
+            labels.append(batch["label"].long())
+    out = {}
+    for name, feats in parts.items():
+        out[name] = {key: torch.cat(values) for key, values in feats.items()}
+        if labels:
+            out[name]["label"] = torch.cat(labels)
+    return out if isinstance(encoder, Mapping) else out[""]
+
+
+def require_labels(dataset: Dataset, uri: str, split: str) -> None:
+    """Raise a ValueError naming ``uri`` when its samples carry no ``label``."""
+    if len(dataset) == 0:
+        raise ValueError(f"source {uri!r} has no samples in its {split} split")
+    if "label" not in dataset[0]:
+        raise ValueError(
+            f"source {uri!r} ({split} split) yields no labels; classification protocols need a labelled "
+            "source such as synthetic:shapes or folder:PATH in ImageFolder layout"
+        )
+
+
+def num_classes_of(dataset: Dataset, *labels: torch.Tensor) -> int:
+    """The number of classes: the source's ``class_names`` where it has them, else the largest label + 1."""
+    names = getattr(dataset, "class_names", None)
+    largest = max(int(t.max()) for t in labels if t.numel()) + 1 if labels else 0
+    return max(len(names), largest) if names is not None else largest
+
+
+def cache_key(
+    encoder: Backbone, uri: str, split: str, transform: Any, n_last_blocks: int, precision: str = "fp32"
+) -> str:
+    """Hex key of a feature file: encoder weights, source URI, split, transform, blocks, precision."""
+    h = hashlib.sha256()
+    for part in (encoder_digest(encoder), uri, split, repr(transform), str(n_last_blocks), precision):
+        h.update(part.encode())
+        h.update(b"\0")
+    return h.hexdigest()[:32]
+
+
+def source_features(
+    encoder: Backbone,
+    uri: str,
+    split: str,
+    *,
+    img_size: int | None = None,
+    n_last_blocks: int = 1,
+    precision: str = "fp32",
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    workers: int = 0,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Features of a labelled source's ``split`` under the evaluation transform (centre crop).
+
+    With ``cache_dir``, features are read from / written to ``cache_dir/<key>.safetensors``
+    (see :func:`cache_key`; written to a temporary name and renamed). Note that the key names the
+    source by its URI, so a folder whose images change under the same path needs a fresh cache.
+    """
+    img_size = img_size or encoder.patch_embed.img_size[0]
+    transform = build_transform("eval", img_size)
+    dataset = build_source(uri, split, transform)
+    require_labels(dataset, uri, split)
+    path = None
+    if cache_dir is not None:
+        path = (
+            Path(cache_dir)
+            / f"{cache_key(encoder, uri, split, transform, n_last_blocks, precision)}.safetensors"
+        )
+        if path.is_file():
+            return load_file(str(path))
+    feats = extract_features(
+        encoder,
+        dataset,
+        n_last_blocks=n_last_blocks,
+        precision=precision,
+        batch_size=batch_size,
+        device=device,
+        workers=workers,
+        progress=progress,
+        desc=f"features {split}",
+    )
+    feats["num_classes"] = torch.tensor(num_classes_of(dataset, feats["label"]))
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        save_file({k: v.contiguous() for k, v in feats.items()}, str(tmp))
+        os.replace(tmp, path)
+    return feats

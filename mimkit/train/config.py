@@ -1,0 +1,502 @@
+"""Recipes: the typed schema of a pretraining run, YAML loading with overlays, and overrides.
+
+A recipe is a YAML file with the sections of :class:`Recipe`. It may start with
+``defaults: PATH`` (or a list of paths, relative to the file) naming base recipes that it
+overlays: mappings merge key by key, anything else replaces. Command-line overrides
+``section.key=value`` (``method.backbone.img_size=64``) are applied last, their values
+parsed as YAML scalars. :func:`load_recipe` checks every key, type and value and raises a
+:class:`RecipeError` naming the offending key and what is allowed, before anything is built.
+
+Derived values live on the recipe, not in the file: the learning rate
+(``optim.base_lr * batch.global_size / 256`` unless ``optim.lr`` is set) and the gradient
+accumulation (``batch.global_size / (batch.micro_size * world_size)``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+ZERO_STAGES = (0, 1, 2, 3)
+LR_REFERENCE_BATCH = 256
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run; the message names the key and what is allowed."""
+
+
+# PyYAML follows YAML 1.1, which reads ``1.5e-4`` (no dot in the mantissa) as a string. Recipes
+# and overrides are full of such numbers, so this loader also resolves them as floats.
+class _Loader(yaml.SafeLoader):
+    pass
+
+
+_FLOAT = re.compile(
+    r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""",
+    re.X,
+)
+_Loader.yaml_implicit_resolvers = {
+    k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:float"]
+    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML with ``1e-3``-style floats."""
+    return yaml.load(text, Loader=_Loader)
+
+
+# ---------------------------------------------------------------------------------------------
+# The schema. Every field's annotation is checked on load; ``_check_values`` adds the value rules.
+
+
+@dataclass
+class MethodConfig:
+    """``method``: what :func:`mimkit.ssl.build_method` receives.
+
+    In YAML the method's own options (``decoder_dim``, ``norm_pix_loss`` ...) sit next to
+    ``name``, ``backbone`` and ``mask``; here they are gathered in ``options``.
+    """
+
+    name: str = "mae"
+    backbone: dict = field(default_factory=lambda: {"name": "vit_base_patch16"})
+    mask: dict | None = None
+    options: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "backbone": dict(self.backbone)}
+        if self.mask is not None:
+            out["mask"] = dict(self.mask)
+        return {**out, **self.options}
+
+
+@dataclass
+class DataConfig:
+    """``data``: where images come from and how they are loaded."""
+
+    source: str = "synthetic:shapes"
+    split: str = "train"
+    img_size: int | None = None
+    transform: str = "pretrain"
+    workers: int = 8
+    max_bad_fraction: float = 0.01  # stop when skipped bad samples pass this share of those read
+
+
+@dataclass
+class OptimConfig:
+    """``optim``: AdamW, its parameter groups and the warm-up + cosine learning rate."""
+
+    base_lr: float = 1.5e-4
+    lr: float | None = None
+    min_lr: float = 0.0
+    warmup_epochs: float = 40.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.05
+    no_decay: list[str] = field(default_factory=lambda: ["pos_embed", "_token"])
+    clip_grad: float | None = None
+
+
+@dataclass
+class BatchConfig:
+    """``batch``: images per optimizer step (all ranks) and per forward pass on one rank."""
+
+    global_size: int = 4096
+    micro_size: int = 64
+
+
+@dataclass
+class TrainConfig:
+    """``train``: length, numerics and the DeepSpeed ZeRO stage."""
+
+    epochs: int = 800
+    max_steps: int | None = None
+    precision: str = "fp32"
+    zero_stage: int = 0
+
+
+@dataclass
+class RunConfig:
+    """``run``: the run directory and its bookkeeping."""
+
+    dir: str | None = None
+    seed: int = 0
+    log_every: int = 20
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 2
+    progress: bool = True
+
+
+@dataclass
+class DebugConfig:
+    """``debug``: failure injection for the tests; all off by default."""
+
+    nan_at_step: int | None = None
+    kill_after_step: int | None = None
+    kill_in_save_at_step: int | None = None
+
+
+SECTIONS: dict[str, type] = {
+    "method": MethodConfig,
+    "data": DataConfig,
+    "optim": OptimConfig,
+    "batch": BatchConfig,
+    "train": TrainConfig,
+    "run": RunConfig,
+    "debug": DebugConfig,
+}
+
+
+@dataclass
+class Recipe:
+    """A validated recipe. ``world_size`` is the number of ranks it was checked for."""
+
+    method: MethodConfig = field(default_factory=MethodConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
+    world_size: int = 1
+
+    @property
+    def accumulation(self) -> int:
+        """Micro-batches per rank per optimizer step."""
+        return self.batch.global_size // (self.batch.micro_size * self.world_size)
+
+    @property
+    def lr(self) -> float:
+        """Peak learning rate: ``optim.lr``, or ``optim.base_lr`` scaled by ``global_size / 256``."""
+        if self.optim.lr is not None:
+            return self.optim.lr
+        return self.optim.base_lr * self.batch.global_size / LR_REFERENCE_BATCH
+
+    @property
+    def img_size(self) -> int:
+        """Image side: ``data.img_size``, else the backbone's (224 unless overridden)."""
+        return self.data.img_size or self.method.backbone.get("img_size", 224)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The recipe as YAML-ready plain data, with the method options flattened back."""
+        out = {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+        out["method"] = self.method.to_dict()
+        return out
+
+    def dump(self) -> str:
+        """The resolved recipe as YAML, headed by the values derived from it."""
+        header = (
+            f"# Resolved recipe (defaults and overrides applied). Derived for {self.world_size} rank(s):\n"
+            f"#   lr = {self.lr:g}, gradient accumulation = {self.accumulation}, img_size = {self.img_size}\n"
+        )
+        return header + yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading.
+
+
+def load_recipe(
+    path: str | Path,
+    overrides: list[str] | tuple[str, ...] = (),
+    world_size: int = 1,
+    check_data: bool = True,
+) -> Recipe:
+    """Read ``path`` (with its ``defaults``), apply ``section.key=value`` overrides and validate.
+
+    ``check_data=False`` skips the checks that look at the file system (a folder source's
+    path), for reading a finished run's recipe on another machine.
+    """
+    raw = read_yaml(path)
+    for item in overrides:
+        apply_override(raw, item)
+    if raw.get("run", {}).get("dir") is None:
+        raw.setdefault("run", {})["dir"] = str(Path("runs") / Path(path).stem)
+    return from_dict(raw, world_size=world_size, check_data=check_data)
+
+
+def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A recipe file merged over the files its ``defaults`` names (recursively)."""
+    path = Path(path).resolve()
+    if path in _seen:
+        raise RecipeError(f"recipe {path} includes itself through 'defaults'")
+    if not path.is_file():
+        raise RecipeError(f"recipe file {path} not found")
+    try:
+        data = parse_yaml(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise RecipeError(f"cannot parse recipe {path}: {err}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"recipe {path} must be a mapping of sections, got {type(data).__name__}")
+    bases = data.pop("defaults", None) or []
+    merged: dict[str, Any] = {}
+    for base in [bases] if isinstance(bases, str) else bases:
+        merged = deep_merge(merged, read_yaml(path.parent / base, (*_seen, path)))
+    return deep_merge(merged, data)
+
+
+def deep_merge(base: dict, overlay: dict) -> dict:
+    """``overlay`` over ``base``: mappings merge key by key, other values replace."""
+    out = dict(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """Set ``a.b.c=value`` in ``raw``, the value parsed as YAML (``null``, ``1e-3``, ``[1, 2]``)."""
+    key, sep, text = item.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise RecipeError(f"override {item!r} must look like section.key=value, e.g. optim.base_lr=1e-4")
+    try:
+        value = parse_yaml(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    parts = key.split(".")
+    node = raw
+    for depth, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            where = ".".join(parts[: depth + 1])
+            raise RecipeError(f"override {item!r}: {where} is a value ({child!r}), not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def from_dict(raw: dict[str, Any], world_size: int = 1, check_data: bool = True) -> Recipe:
+    """Validate plain data (as read from YAML) into a :class:`Recipe`."""
+    _no_unknown(raw, list(SECTIONS), "")
+    sections: dict[str, Any] = {}
+    for name, cls in SECTIONS.items():
+        given = raw.get(name) or {}
+        if not isinstance(given, dict):
+            raise RecipeError(f"{name} must be a mapping of keys, got {given!r}")
+        if cls is MethodConfig:
+            sections[name] = _method(given)
+        else:
+            sections[name] = _section(name, cls, given)
+    recipe = Recipe(**sections, world_size=world_size)
+    _check_values(recipe, check_data)
+    if recipe.data.img_size is not None:  # one image size for the data and the backbone
+        recipe.method.backbone.setdefault("img_size", recipe.data.img_size)
+    return recipe
+
+
+def _no_unknown(given: dict, valid: list[str], prefix: str) -> None:
+    for key in given:
+        if key not in valid:
+            name = f"{prefix}{key}"
+            close = difflib.get_close_matches(str(key), valid, n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+            raise RecipeError(f"unknown key {name}{hint}; valid keys: {', '.join(prefix + v for v in valid)}")
+
+
+def _section(name: str, cls: type, given: dict) -> Any:
+    hints = typing.get_type_hints(cls)
+    valid = [f.name for f in dataclasses.fields(cls)]
+    _no_unknown(given, valid, f"{name}.")
+    values = {key: _typed(f"{name}.{key}", value, hints[key]) for key, value in given.items()}
+    return cls(**values)
+
+
+def _typed(key: str, value: Any, hint: Any) -> Any:
+    """``value`` checked against the annotation ``hint``; an int is accepted (and widened) as a float."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        errors = []
+        for option in options:
+            try:
+                return _typed(key, value, option)
+            except RecipeError as err:
+                errors.append(err)
+        raise errors[0]
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise RecipeError(f"{key} must be a list, got {value!r}")
+        return [_typed(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is dict and isinstance(value, dict):
+        return dict(value)
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise RecipeError(f"{key} must be {_type_name(hint)}, got {value!r}")
+    return value
+
+
+def _type_name(hint: Any) -> str:
+    return {
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        bool: "true or false",
+        dict: "a mapping",
+    }.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _method(given: dict) -> MethodConfig:
+    """The ``method`` section, checked against the method registry without building anything."""
+    from mimkit.models import list_backbones
+    from mimkit.models.backbone import OVERRIDABLE
+    from mimkit.ssl import list_methods, masking, method_options
+
+    name = given.get("name", "mae")
+    if name not in list_methods():
+        raise RecipeError(
+            f"method.name {name!r} is not a registered method; valid: {', '.join(list_methods())}"
+        )
+    defaults = method_options(name)
+    _no_unknown(given, ["name", "backbone", "mask", *defaults], "method.")
+
+    options = {}
+    for key, value in given.items():
+        if key in ("name", "backbone", "mask"):
+            continue
+        hint = type(defaults[key])
+        options[key] = _typed(f"method.{key}", value, hint) if hint in (int, float, bool, str) else value
+
+    backbone = given.get("backbone", MethodConfig().backbone) or {}
+    if not isinstance(backbone, dict) or "name" not in backbone:
+        raise RecipeError(f"method.backbone must be a mapping with a 'name'; got {backbone!r}")
+    if backbone["name"] not in list_backbones():
+        raise RecipeError(
+            f"method.backbone.name {backbone['name']!r} is not a registered backbone; "
+            f"valid: {', '.join(list_backbones())}"
+        )
+    _no_unknown(backbone, ["name", *OVERRIDABLE], "method.backbone.")
+    for key in ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "in_chans"):
+        value = backbone.get(key, 1)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise RecipeError(f"method.backbone.{key} must be a positive integer, got {value!r}")
+
+    mask = given.get("mask")
+    if mask is not None:
+        if not isinstance(mask, dict):
+            raise RecipeError(
+                f"method.mask must be a mapping like {{type: random, ratio: 0.75}}, got {mask!r}"
+            )
+        try:
+            masking.build(mask)
+        except ValueError as err:
+            raise RecipeError(f"method.mask: {err}") from None
+    return MethodConfig(name=name, backbone=dict(backbone), mask=mask, options=options)
+
+
+def _require(ok: bool, key: str, allowed: str, value: Any) -> None:
+    if not ok:
+        raise RecipeError(f"{key} must be {allowed}, got {value!r}")
+
+
+def _check_values(r: Recipe, check_data: bool) -> None:
+    """Rules on values, and on values that depend on each other."""
+    from mimkit.data import SOURCE_SCHEMES, SPLITS, TRANSFORM_KINDS
+
+    o, b, t, d, run = r.optim, r.batch, r.train, r.data, r.run
+    _require(o.base_lr > 0, "optim.base_lr", "a positive number", o.base_lr)
+    _require(o.lr is None or o.lr > 0, "optim.lr", "a positive number or null (scale base_lr)", o.lr)
+    _require(o.min_lr >= 0, "optim.min_lr", "a number >= 0", o.min_lr)
+    _require(
+        0 <= o.warmup_epochs <= t.epochs,
+        "optim.warmup_epochs",
+        f"in [0, train.epochs={t.epochs}]",
+        o.warmup_epochs,
+    )
+    _require(
+        len(o.betas) == 2 and all(0 <= x < 1 for x in o.betas),
+        "optim.betas",
+        "two numbers in [0, 1)",
+        o.betas,
+    )
+    _require(o.eps > 0, "optim.eps", "a positive number", o.eps)
+    _require(o.weight_decay >= 0, "optim.weight_decay", "a number >= 0", o.weight_decay)
+    _require(
+        o.clip_grad is None or o.clip_grad > 0,
+        "optim.clip_grad",
+        "a positive max norm or null (off)",
+        o.clip_grad,
+    )
+
+    _require(b.global_size >= 1, "batch.global_size", "a positive integer", b.global_size)
+    _require(b.micro_size >= 1, "batch.micro_size", "a positive integer", b.micro_size)
+    per_step = b.micro_size * r.world_size
+    if b.global_size % per_step:
+        raise RecipeError(
+            f"batch.global_size={b.global_size} is not divisible by batch.micro_size x world size = "
+            f"{b.micro_size} x {r.world_size} = {per_step}; pick a global size that is a multiple of "
+            f"{per_step}, or a micro size (and world size) whose product divides {b.global_size}"
+        )
+
+    _require(t.epochs >= 1, "train.epochs", "a positive integer", t.epochs)
+    _require(
+        t.max_steps is None or t.max_steps >= 1, "train.max_steps", "a positive integer or null", t.max_steps
+    )
+    _require(t.precision in PRECISIONS, "train.precision", f"one of {', '.join(PRECISIONS)}", t.precision)
+    _require(t.zero_stage in ZERO_STAGES, "train.zero_stage", "one of 0, 1, 2, 3", t.zero_stage)
+
+    _require(run.seed >= 0, "run.seed", "an integer >= 0", run.seed)
+    _require(run.log_every >= 1, "run.log_every", "a positive integer (steps)", run.log_every)
+    _require(
+        run.checkpoint_every >= 0,
+        "run.checkpoint_every",
+        "steps >= 0 (0: only at the end)",
+        run.checkpoint_every,
+    )
+    _require(run.keep_checkpoints >= 1, "run.keep_checkpoints", "a positive integer", run.keep_checkpoints)
+    _require(bool(run.dir), "run.dir", "a directory path", run.dir)
+
+    _require(d.workers >= 0, "data.workers", "an integer >= 0", d.workers)
+    _require(
+        0 <= d.max_bad_fraction <= 1, "data.max_bad_fraction", "a fraction in [0, 1]", d.max_bad_fraction
+    )
+    _require(d.split in SPLITS, "data.split", f"one of {', '.join(SPLITS)}", d.split)
+    _require(
+        d.transform in TRANSFORM_KINDS, "data.transform", f"one of {', '.join(TRANSFORM_KINDS)}", d.transform
+    )
+    scheme, sep, spec = d.source.partition(":")
+    if not sep or scheme not in SOURCE_SCHEMES:
+        raise RecipeError(
+            f"data.source {d.source!r} has no known scheme; valid: "
+            + ", ".join(f"{s}:..." for s in SOURCE_SCHEMES)
+        )
+    if check_data and scheme == "folder" and not Path(spec).expanduser().is_dir():
+        raise RecipeError(
+            f"data.source {d.source!r}: the folder {spec!r} does not exist (or is not a directory)"
+        )
+    index = spec.partition("?")[0]
+    if check_data and scheme == "wds" and index.endswith(".json") and not Path(index).expanduser().is_file():
+        raise RecipeError(
+            f"data.source {d.source!r}: the shard index {index!r} does not exist; write the shards "
+            "with tools/make_shards.py SOURCE OUT_DIR (it writes OUT_DIR/train-index.json)"
+        )
+    _require(d.img_size is None or d.img_size >= 1, "data.img_size", "a positive integer or null", d.img_size)
+    backbone_size = r.method.backbone.get("img_size")
+    if d.img_size is not None and backbone_size is not None and d.img_size != backbone_size:
+        raise RecipeError(
+            f"data.img_size={d.img_size} differs from method.backbone.img_size={backbone_size}; "
+            "set one of them (data.img_size: null follows the backbone)"
+        )
+
+    for key in ("nan_at_step", "kill_after_step", "kill_in_save_at_step"):
+        value = getattr(r.debug, key)
+        _require(value is None or value >= 1, f"debug.{key}", "a step number >= 1 or null", value)

@@ -1,0 +1,44 @@
+"""AdamW with MAE's parameter groups."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+
+def no_weight_decay(name: str, param: nn.Parameter, suffixes: Sequence[str]) -> bool:
+    """Biases and norm weights (every 1-D parameter) and names ending in ``suffixes`` skip decay."""
+    return param.ndim <= 1 or name.endswith(tuple(suffixes))
+
+
+def param_groups(model: nn.Module, weight_decay: float, no_decay: Sequence[str]) -> list[dict]:
+    """Two AdamW groups, decayed and not; frozen parameters are left out, empty groups dropped.
+
+    MAE's ``add_weight_decay`` exempts 1-D parameters; ``no_decay`` (default ``pos_embed``,
+    ``_token``) also exempts position embeddings and the cls/mask tokens, as mmpretrain does.
+    """
+    decay, skip = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (skip if no_weight_decay(name, param, no_decay) else decay).append(param)
+    groups = [{"params": skip, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+    return [g for g in groups if g["params"]]
+
+
+def build_adamw(
+    model: nn.Module,
+    lr: float,
+    betas: Sequence[float],
+    eps: float,
+    weight_decay: float,
+    no_decay: Sequence[str],
+    device: torch.device,
+) -> torch.optim.AdamW:
+    """``torch.optim.AdamW`` over :func:`param_groups`; the fused CUDA kernel on GPU.
+
+    The learning rate is overwritten every step by the schedule; ``lr`` is only its start value.
+    """
+    groups = param_groups(model, weight_decay, no_decay)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=device.type == "cuda")

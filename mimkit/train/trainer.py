@@ -1,0 +1,453 @@
+"""The pretraining loop on DeepSpeed, method-agnostic: it calls ``method(batch)["loss"]``.
+
+:func:`pretrain` takes a validated :class:`~mimkit.train.config.Recipe` and owns a run directory::
+
+    RUN/recipe.yaml              the resolved recipe (defaults and overrides applied)
+    RUN/metrics.jsonl            one JSON line per logged step, appended and flushed
+    RUN/checkpoints/             DeepSpeed checkpoints and ``latest`` (see mimkit.train.checkpoint)
+    RUN/model.safetensors        the whole method, fp32, consolidated over ZeRO shards
+    RUN/encoder.safetensors      the backbone alone, with encoder.json (mimkit.models.load_backbone)
+
+Starting a run whose directory holds a complete checkpoint resumes it: weights, optimizer,
+step (hence the learning rate), every random state and the position in the epoch, so the
+resumed run continues exactly as the uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.data import IterableDataset
+from tqdm import tqdm
+
+from mimkit.train import checkpoint
+from mimkit.train.config import Recipe, RecipeError, from_dict, load_recipe
+from mimkit.train.distributed import Dist, barrier, import_deepspeed, init_distributed
+from mimkit.train.loader import build_loader, build_stream_loader
+from mimkit.train.optim import build_adamw
+from mimkit.train.schedule import warmup_cosine_lr
+
+RECIPE_FILE = "recipe.yaml"
+METRICS_FILE = "metrics.jsonl"
+MODEL_FILE = "model.safetensors"
+CHECKPOINTS = "checkpoints"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the message names the step and the last good checkpoint."""
+
+
+class BadDataError(RuntimeError):
+    """The share of skipped bad samples passed ``data.max_bad_fraction``."""
+
+
+@dataclass
+class RunResult:
+    """What a finished :func:`pretrain` call did.
+
+    ``module`` is the trained method as this rank holds it (under ZeRO-3 its parameters are
+    partitioned; ``load_method(run_dir)`` gives the whole model anywhere).
+    """
+
+    module: nn.Module
+    run_dir: Path
+    steps: int
+    resumed_from: int
+    first_loss: float | None
+    final_loss: float | None
+    wall_time: float
+    encoder_path: Path
+    model_path: Path
+    checkpoint: Path
+
+
+def deepspeed_config(recipe: Recipe) -> dict[str, Any]:
+    """The DeepSpeed configuration a recipe asks for."""
+    precision = recipe.train.precision
+    return {
+        "train_batch_size": recipe.batch.global_size,
+        "train_micro_batch_size_per_gpu": recipe.batch.micro_size,
+        "gradient_accumulation_steps": recipe.accumulation,
+        "gradient_clipping": recipe.optim.clip_grad or 0.0,
+        "zero_optimization": {"stage": recipe.train.zero_stage},
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "steps_per_print": sys.maxsize,  # progress is ours
+        "wall_clock_breakdown": False,
+    }
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # and every CUDA device
+
+
+def pretrain(recipe: Recipe) -> RunResult:
+    """Train (or resume) the run ``recipe`` describes; every rank of the job calls this."""
+    start_time = time.time()
+    dist = init_distributed()
+    if dist.world_size != recipe.world_size:  # launched differently from how it was validated
+        recipe = from_dict(recipe.to_dict(), world_size=dist.world_size)
+    if dist.device.type == "cpu" and recipe.train.precision == "fp16":
+        raise RecipeError("train.precision=fp16 needs GPUs (DeepSpeed on CPU runs fp32 or bf16)")
+    run_dir = Path(recipe.run.dir)
+    ckpt_dir = run_dir / CHECKPOINTS
+    loader, sampler = _data(recipe, dist)
+    steps_per_epoch = sampler.steps_per_epoch
+    total_steps = recipe.train.epochs * steps_per_epoch
+    last_step = min(total_steps, recipe.train.max_steps or total_steps)
+    engine, optimizer = _engine(recipe, dist)
+    o = recipe.optim
+
+    state = checkpoint.load(engine, ckpt_dir, dist.rank)
+    step = state["step"] if state else 0
+    last_tag = state["tag"] if state else None
+    if dist.is_main:
+        _prepare_run_dir(recipe, run_dir, step if state else None)
+    barrier()
+
+    log = _Log(run_dir / METRICS_FILE, dist.is_main)
+    bar = tqdm(
+        total=last_step,
+        initial=step,
+        desc=f"pretrain {run_dir.name}",
+        unit="step",
+        dynamic_ncols=True,
+        disable=not (dist.is_main and recipe.run.progress),
+    )
+    plain_fp32 = recipe.train.zero_stage == 0 and recipe.train.precision == "fp32"
+    input_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
+        recipe.train.precision
+    ]
+    accum = recipe.accumulation
+    first_loss = final_loss = None
+    window = _Window()
+    resumed_from = step
+
+    epoch, in_epoch = divmod(step, steps_per_epoch)
+    while step < last_step:
+        sampler.set_epoch(epoch, in_epoch)
+        # epoch-scheduled parts of a method (e.g. ColorMAE's colour schedule) follow the epoch,
+        # which is restored on resume, so they need no state of their own
+        if hasattr(engine.module, "set_epoch"):
+            engine.module.set_epoch(epoch)
+        for micro, batch in enumerate(loader):
+            if micro % accum == 0:
+                lr = warmup_cosine_lr(
+                    step, steps_per_epoch, recipe.lr, recipe.train.epochs, o.warmup_epochs, o.min_lr
+                )
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+            batch = {
+                k: v.to(engine.device, input_dtype if v.is_floating_point() else None, non_blocking=True)
+                for k, v in batch.items()
+            }
+            out = engine(batch)
+            loss = out["loss"]
+            if recipe.debug.nan_at_step == step + 1:
+                loss = loss * float("nan")
+            value = _mean_over_ranks(loss.detach().float(), dist)
+            if not math.isfinite(value):
+                bar.close()
+                where = f"{ckpt_dir / last_tag}" if last_tag else "none (no checkpoint was saved yet)"
+                raise NonFiniteLossError(
+                    f"loss is {value} at step {step + 1} (epoch {epoch}); stopping. Last good checkpoint: "
+                    f"{where}. Re-running the same command resumes from it."
+                )
+            engine.backward(loss)
+            boundary = engine.is_gradient_accumulation_boundary()
+            logging_step = (step + 1) % recipe.run.log_every == 0 or step + 1 == last_step
+            grad_norm = _grad_norm(engine) if boundary and logging_step and plain_fp32 else None
+            engine.step()
+            window.add(value, out)
+            if not boundary:
+                continue
+
+            step += 1
+            if first_loss is None:
+                first_loss = window.loss_sum / window.count
+            bar.update(1)
+            bar.set_postfix(
+                loss=f"{value:.4f}", lr=f"{lr:.2e}", img_s=f"{window.speed(recipe):.0f}", refresh=False
+            )
+            if logging_step:
+                if grad_norm is None and engine.get_global_grad_norm() is not None:
+                    grad_norm = float(engine.get_global_grad_norm())
+                final_loss = window.loss_sum / window.count
+                log.write(
+                    {
+                        "step": step,
+                        "epoch": round(step / steps_per_epoch, 4),
+                        "loss": final_loss,
+                        "lr": lr,
+                        "grad_norm": grad_norm,
+                        "images_per_s": round(window.speed(recipe), 2),
+                        "skipped_steps": engine.skipped_steps,  # fp16 overflow steps, whole run
+                        **_data_counts(sampler, dist, recipe.data.max_bad_fraction, step),
+                        **window.extras(),
+                        "time": round(time.time() - start_time, 2),
+                    }
+                )
+                window = _Window()
+            if step == last_step or (recipe.run.checkpoint_every and step % recipe.run.checkpoint_every == 0):
+                last_tag = _save(engine, ckpt_dir, step, steps_per_epoch, recipe, dist)
+            if recipe.debug.kill_after_step == step:
+                os.kill(os.getpid(), signal.SIGKILL)
+            if step >= last_step:
+                break
+        epoch, in_epoch = epoch + 1, 0
+    bar.close()
+
+    if last_tag != checkpoint.tag_for(step):  # resumed a run that had already finished
+        last_tag = _save(engine, ckpt_dir, step, steps_per_epoch, recipe, dist)
+    _export(engine, recipe, ckpt_dir, last_tag, run_dir, dist.rank, step)
+    barrier()
+    result = RunResult(
+        module=engine.module,
+        run_dir=run_dir,
+        steps=step,
+        resumed_from=resumed_from,
+        first_loss=first_loss,
+        final_loss=final_loss,
+        wall_time=time.time() - start_time,
+        encoder_path=run_dir / "encoder.safetensors",
+        model_path=run_dir / MODEL_FILE,
+        checkpoint=ckpt_dir / last_tag,
+    )
+    if dist.is_main:
+        print(summary(result, recipe, total_steps), flush=True)
+    return result
+
+
+def _data(recipe: Recipe, dist: Dist):
+    """The training loader and its resumable sampler; a source smaller than one batch is an error."""
+    from mimkit.data import build_source, build_transform
+
+    d = recipe.data
+    dataset = build_source(d.source, d.split, build_transform(d.transform, recipe.img_size))
+    if len(dataset) < recipe.batch.global_size:
+        raise RecipeError(
+            f"data.source {d.source!r} ({d.split}) holds {len(dataset)} images, fewer than one global "
+            f"batch (batch.global_size={recipe.batch.global_size})"
+        )
+    build = build_stream_loader if isinstance(dataset, IterableDataset) else build_loader
+    return build(
+        dataset,
+        recipe.batch.micro_size,
+        recipe.batch.global_size,
+        dist.rank,
+        dist.world_size,
+        recipe.run.seed,
+        d.workers,
+        pin_memory=dist.device.type == "cuda",
+    )
+
+
+def _data_counts(sampler, dist: Dist, max_bad_fraction: float, step: int) -> dict[str, int]:
+    """Samples read and skipped as bad over all ranks (streams only); too many bad ones stop the run."""
+    if not hasattr(sampler, "counts"):
+        return {}
+    counts = torch.tensor(sampler.counts(), dtype=torch.float64)
+    if dist.world_size > 1:
+        torch.distributed.all_reduce(counts)
+    good, bad = (int(c) for c in counts.tolist())
+    if bad > max_bad_fraction * (good + bad):
+        raise BadDataError(
+            f"{bad} of {good + bad} samples read by step {step} were bad (skipped: undecodable images, "
+            f"truncated or missing shards), {bad / (good + bad):.2%} > data.max_bad_fraction="
+            f"{max_bad_fraction}; see the warnings above for which shards, fix or rewrite them "
+            "(tools/make_shards.py), or raise data.max_bad_fraction"
+        )
+    return {"samples_read": good, "bad_samples": bad}
+
+
+def _engine(recipe: Recipe, dist: Dist):
+    """The method, built from the same seed on every rank, wrapped in a DeepSpeed engine with AdamW."""
+    from mimkit.ssl import build_method
+
+    deepspeed = import_deepspeed()
+    seed_everything(recipe.run.seed)  # identical initial weights on every rank
+    method = build_method(recipe.method.to_dict())
+    o = recipe.optim
+    optimizer = build_adamw(method, recipe.lr, o.betas, o.eps, o.weight_decay, o.no_decay, dist.device)
+    engine, optimizer, _, _ = deepspeed.initialize(
+        model=method, optimizer=optimizer, config=deepspeed_config(recipe)
+    )
+    seed_everything(recipe.run.seed + dist.rank)  # per-rank streams for masks and dropout
+    return engine, optimizer
+
+
+def _save(engine, ckpt_dir: Path, step: int, steps_per_epoch: int, recipe: Recipe, dist: Dist) -> str:
+    client_state = {
+        "step": step,
+        "epoch": step // steps_per_epoch,
+        "step_in_epoch": step % steps_per_epoch,
+        "world_size": dist.world_size,
+    }
+    return checkpoint.save(
+        engine,
+        ckpt_dir,
+        step,
+        client_state,
+        dist.rank,
+        recipe.run.keep_checkpoints,
+        fail_midway=recipe.debug.kill_in_save_at_step == step,
+    )
+
+
+def _mean_over_ranks(value: torch.Tensor, dist: Dist) -> float:
+    """The loss averaged over ranks; a NaN on any rank makes it NaN everywhere, so all ranks stop."""
+    if dist.world_size > 1:
+        torch.distributed.all_reduce(value)
+        value = value / dist.world_size
+    return float(value)
+
+
+def _grad_norm(engine) -> float:
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+
+
+class _Window:
+    """Running sums over the steps since the last log line."""
+
+    def __init__(self):
+        self.loss_sum, self.count, self.start = 0.0, 0, time.perf_counter()
+        self.steps = 0
+        self.scalars: dict[str, torch.Tensor] = {}
+
+    def add(self, loss: float, out: dict[str, Any]) -> None:
+        self.loss_sum += loss
+        self.count += 1
+        for key, value in out.items():
+            if key != "loss" and isinstance(value, torch.Tensor) and value.ndim == 0:
+                self.scalars[key] = self.scalars.get(key, 0.0) + value.detach().float()
+
+    def speed(self, recipe: Recipe) -> float:
+        micro_per_step = recipe.accumulation
+        steps = self.count / micro_per_step
+        return steps * recipe.batch.global_size / max(time.perf_counter() - self.start, 1e-9)
+
+    def extras(self) -> dict[str, float]:
+        return {k: float(v) / self.count for k, v in self.scalars.items()}
+
+
+class _Log:
+    """``metrics.jsonl``, written by rank 0 only: one line per record, appended and flushed."""
+
+    def __init__(self, path: Path, active: bool):
+        self.path, self.active = path, active
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.active:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def _prepare_run_dir(recipe: Recipe, run_dir: Path, resumed_step: int | None) -> None:
+    """Write ``recipe.yaml``; on resume, warn about changed keys and drop metrics past the checkpoint."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    recipe_path = run_dir / RECIPE_FILE
+    if resumed_step is not None and recipe_path.is_file():
+        try:
+            before = _flatten(load_recipe(recipe_path, check_data=False).to_dict())
+        except RecipeError as err:
+            before = {"(unreadable previous recipe.yaml)": str(err)}
+        after = _flatten(recipe.to_dict())
+        changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+        if changed:
+            print(f"[mimkit] resuming with changed recipe keys: {', '.join(changed)}", file=sys.stderr)
+    tmp = recipe_path.with_name(f".{RECIPE_FILE}.tmp")
+    tmp.write_text(recipe.dump())
+    os.replace(tmp, recipe_path)
+
+    metrics = run_dir / METRICS_FILE
+    if resumed_step is None:
+        metrics.unlink(missing_ok=True)
+    elif metrics.is_file():  # steps after the checkpoint will be logged again
+        kept = []
+        for line in metrics.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= resumed_step:
+                    kept.append(line + "\n")
+            except (ValueError, KeyError):
+                pass  # a line cut short by a crash
+        metrics.write_text("".join(kept))
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _export(engine, recipe: Recipe, ckpt_dir: Path, tag: str, run_dir: Path, rank: int, step: int) -> None:
+    """Write ``model.safetensors`` (whole method, fp32) and the encoder export (rank 0 writes)."""
+    from mimkit.models import save_backbone
+    from mimkit.ssl import build_method
+
+    state = checkpoint.consolidated_state_dict(engine, ckpt_dir, tag, rank)
+    if rank != 0:
+        return
+    method = build_method(recipe.method.to_dict())
+    method.load_state_dict(state, strict=True)
+    tmp = run_dir / f".{MODEL_FILE}.tmp"
+    save_file(state, str(tmp), metadata={"format": "mimkit-method-v1", "method": recipe.method.name})
+    os.replace(tmp, run_dir / MODEL_FILE)
+    provenance = {"method": recipe.method.name, "steps": step, "data": recipe.data.source}
+    save_backbone(method.encoder, run_dir, extra={"pretrained": provenance})
+
+
+def load_method(run_dir: str | os.PathLike, map_location: str = "cpu") -> nn.Module:
+    """Rebuild a finished run's method from its ``recipe.yaml`` and ``model.safetensors`` (eval mode)."""
+    from mimkit.ssl import build_method
+
+    run_dir = Path(run_dir)
+    for needed in (run_dir / RECIPE_FILE, run_dir / MODEL_FILE):
+        if not needed.is_file():
+            raise FileNotFoundError(f"{needed} not found; is {run_dir} a finished pretraining run directory?")
+    recipe = load_recipe(run_dir / RECIPE_FILE, check_data=False)
+    method = build_method(recipe.method.to_dict())
+    method.load_state_dict(load_file(str(run_dir / MODEL_FILE), device=map_location), strict=True)
+    return method.eval()
+
+
+def summary(result: RunResult, recipe: Recipe, total_steps: int) -> str:
+    """The one-screen report printed at the end of a run."""
+    minutes, seconds = divmod(int(result.wall_time), 60)
+    done = result.steps - result.resumed_from
+    speed = done * recipe.batch.global_size / max(result.wall_time, 1e-9)
+    resumed = f" (resumed at step {result.resumed_from})" if result.resumed_from else ""
+    loss = "-"
+    if result.final_loss is not None:
+        loss = f"{result.first_loss:.4f} (first step) -> {result.final_loss:.4f} (last logged)"
+    lines = [
+        f"mimkit pretrain: {recipe.method.name} on {recipe.method.backbone['name']} finished",
+        f"  steps       {result.steps} of {total_steps}{resumed}, {recipe.world_size} rank(s), "
+        f"global batch {recipe.batch.global_size}",
+        f"  wall time   {minutes}m{seconds:02d}s ({speed:.1f} images/s)",
+        f"  loss        {loss}",
+        f"  encoder     {result.encoder_path} (+ encoder.json)",
+        f"  model       {result.model_path}",
+        f"  checkpoint  {result.checkpoint}",
+        f"  metrics     {result.run_dir / METRICS_FILE}",
+    ]
+    return "\n".join(lines)

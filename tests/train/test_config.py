@@ -1,0 +1,172 @@
+"""Recipes: loading, overlays, overrides, and errors that name the key before anything runs."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mimkit.train import RecipeError, load_recipe
+from mimkit.train.config import SECTIONS, Recipe, apply_override, parse_yaml
+
+REPO = Path(__file__).resolve().parents[2]
+RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))
+DEMO = REPO / "recipes" / "demo" / "mae_vit_tiny.yaml"
+
+
+def test_recipes_exist():
+    names = {p.relative_to(REPO / "recipes").as_posix() for p in RECIPES}
+    assert {
+        "mae/vit_base_patch16_in1k.yaml",
+        "mae/vit_large_patch16_in1k.yaml",
+        "demo/mae_vit_tiny.yaml",
+    } <= names
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.relative_to(REPO / "recipes").as_posix())
+def test_every_recipe_validates_without_building_a_model(path, monkeypatch):
+    import mimkit.models.backbone as backbone
+
+    def no_models(*args, **kwargs):
+        raise AssertionError("validating a recipe must not build a model")
+
+    monkeypatch.setattr(backbone, "create_backbone", no_models)
+    for world_size in (1, 2, 64) if "mae/" in path.as_posix() else (1, 2):
+        recipe = load_recipe(path, world_size=world_size, check_data=False)
+        assert isinstance(recipe, Recipe)
+        assert recipe.accumulation * recipe.batch.micro_size * world_size == recipe.batch.global_size
+
+
+def test_paper_recipes_hold_the_paper_settings():
+    for name, backbone, epochs in (
+        ("vit_base_patch16_in1k", "vit_base_patch16", 800),
+        ("vit_large_patch16_in1k", "vit_large_patch16", 1600),
+    ):
+        r = load_recipe(REPO / "recipes" / "mae" / f"{name}.yaml", check_data=False)
+        assert r.method.backbone["name"] == backbone and r.img_size == 224
+        assert r.batch.global_size == 4096 and r.lr == pytest.approx(1.5e-4 * 4096 / 256)
+        assert r.optim.betas == [0.9, 0.95] and r.optim.weight_decay == 0.05
+        assert r.optim.warmup_epochs == 40 and r.optim.min_lr == 0 and r.train.epochs == epochs
+        assert r.method.mask == {"type": "random", "ratio": 0.75}
+        assert r.method.options["norm_pix_loss"] is True
+        assert (r.method.options["decoder_dim"], r.method.options["decoder_depth"]) == (512, 8)
+        assert r.method.options["decoder_heads"] == 16
+
+
+def test_default_recipe_lists_every_key():
+    raw = yaml.safe_load((REPO / "recipes" / "mae" / "default.yaml").read_text())
+    for name, cls in SECTIONS.items():
+        if name == "method":
+            continue
+        missing = {f for f in cls.__dataclass_fields__} - set(raw[name])
+        assert not missing, f"recipes/mae/default.yaml lacks {name}: {sorted(missing)}"
+
+
+def test_overrides_are_yaml_and_nested():
+    r = load_recipe(
+        DEMO,
+        [
+            "optim.base_lr=1e-3",
+            "optim.lr=null",
+            "method.backbone.img_size=32",
+            "optim.betas=[0.8, 0.9]",
+            "run.dir=/tmp/x",
+            "train.max_steps=7",
+        ],
+    )
+    assert r.optim.base_lr == 1e-3 and isinstance(r.optim.base_lr, float)
+    assert r.lr == pytest.approx(1e-3 * r.batch.global_size / 256)
+    assert r.method.backbone["img_size"] == 32 and r.img_size == 32
+    assert r.optim.betas == [0.8, 0.9] and r.run.dir == "/tmp/x" and r.train.max_steps == 7
+
+
+def test_floats_without_a_dot_parse_as_floats():
+    assert parse_yaml("1.5e-4") == 1.5e-4 and parse_yaml("1e-3") == 1e-3 and parse_yaml("3") == 3
+
+
+def test_overlay_merges_over_defaults(tmp_path):
+    (tmp_path / "base.yaml").write_text("optim: {base_lr: 1.0e-3, weight_decay: 0.1}\nrun: {seed: 3}\n")
+    (tmp_path / "child.yaml").write_text("defaults: base.yaml\noptim: {weight_decay: 0.2}\n")
+    r = load_recipe(tmp_path / "child.yaml", check_data=False)
+    assert (r.optim.base_lr, r.optim.weight_decay, r.run.seed) == (1e-3, 0.2, 3)
+    assert r.run.dir == str(Path("runs") / "child")
+
+
+def _error(overrides, world_size=1, path=DEMO):
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path, overrides, world_size=world_size)
+    return str(info.value)
+
+
+def test_unknown_keys_name_the_key_and_suggest():
+    msg = _error(["optim.lrr=1e-3"])
+    assert "optim.lrr" in msg and "did you mean optim.lr?" in msg and "optim.weight_decay" in msg
+    msg = _error(["optimm.lr=1e-3"])
+    assert "optimm" in msg and "did you mean optim?" in msg
+    msg = _error(["method.decoder_dims=64"])
+    assert "method.decoder_dims" in msg and "method.decoder_dim" in msg
+    msg = _error(["method.backbone.patchsize=4"])
+    assert "method.backbone.patchsize" in msg and "patch_size" in msg
+
+
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("batch.micro_size=abc", ["batch.micro_size", "integer", "abc"]),
+        ("train.zero_stage=1.5", ["train.zero_stage", "integer"]),
+        ("method.norm_pix_loss=3", ["method.norm_pix_loss", "true or false"]),
+        ("optim.betas=0.9", ["optim.betas", "list"]),
+        ("run.seed=true", ["run.seed", "integer"]),
+    ],
+)
+def test_wrong_types(override, words):
+    msg = _error([override])
+    assert all(w in msg for w in words), msg
+
+
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("optim.base_lr=-1e-3", ["optim.base_lr", "positive"]),
+        ("method.mask.ratio=1.5", ["method.mask", "(0, 1)"]),
+        ("train.precision=fp8", ["train.precision", "fp32, bf16, fp16"]),
+        ("train.zero_stage=4", ["train.zero_stage", "0, 1, 2, 3"]),
+        ("optim.warmup_epochs=100", ["optim.warmup_epochs", "train.epochs"]),
+        ("data.img_size=48", ["data.img_size=48", "method.backbone.img_size=64"]),
+        ("method.backbone.name=vit_gigantic", ["method.backbone.name", "vit_base_patch16"]),
+        ("data.source=s3://bucket", ["data.source", "synthetic:", "folder:"]),
+    ],
+)
+def test_impossible_values(override, words):
+    msg = _error([override])
+    assert all(w in msg for w in words), msg
+
+
+def test_batch_must_divide_by_micro_times_world_size():
+    msg = _error(["batch.global_size=64", "batch.micro_size=16"], world_size=3)
+    assert "batch.global_size=64" in msg and "16 x 3 = 48" in msg
+    load_recipe(DEMO, ["batch.global_size=64", "batch.micro_size=16"], world_size=4)
+
+
+def test_missing_folder_is_an_error(tmp_path):
+    msg = _error([f"data.source=folder:{tmp_path}/nope"])
+    assert "data.source" in msg and f"{tmp_path}/nope" in msg and "does not exist" in msg
+
+
+def test_malformed_override():
+    assert "section.key=value" in _error(["optim.lr"])
+    with pytest.raises(RecipeError, match="not a section"):
+        apply_override({"optim": {"lr": 1.0}}, "optim.lr.x=2")
+
+
+def test_tool_reports_recipe_errors_before_training(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("pretrain_tool", REPO / "tools" / "pretrain.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    run_dir = tmp_path / "run"
+    code = tool.main([str(DEMO), f"run.dir={run_dir}", "optim.weight_decy=0.1"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "recipe error" in err and "optim.weight_decy" in err and "optim.weight_decay" in err
+    assert not run_dir.exists()
