@@ -64,8 +64,10 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 class SeededSamples(Dataset):
     """Wraps a map-style dataset so ``dataset[(index, seed)]`` runs the transform under ``seed``.
 
-    Only torch's CPU generator is forked, so the caller's random state (the mask draws, when
-    loading in the main process) is untouched.
+    Only torch's CPU generator is forked and reseeded, so the caller's random state (the mask
+    draws and, on GPUs, the CUDA generators behind drop path) is untouched. ``torch.manual_seed``
+    would also reseed every CUDA device on each sample: slower, and with workers=0 it would tie the
+    model's CUDA randomness to the last sample loaded.
     """
 
     def __init__(self, dataset: Dataset):
@@ -77,7 +79,7 @@ class SeededSamples(Dataset):
     def __getitem__(self, item: tuple[int, int]) -> dict:
         index, seed = item
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)
             return self.dataset[index]
 
 
