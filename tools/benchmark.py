@@ -1,8 +1,13 @@
 """Throughput benchmarks: ``python tools/benchmark.py SUBCOMMAND ...``.
 
-Subcommands (each a small function registered in :data:`SUBCOMMANDS`)::
+Subcommands (each registered in :data:`SUBCOMMANDS`; the larger ones live in :mod:`mimkit.bench`)::
 
     data SOURCE [SOURCE ...]   decoded-and-augmented images/s per DataLoader worker count
+    peak                       matmul GFLOP/s at a model's shapes, fp32 and bf16 (utilisation denominator)
+    step                       one training step: trainer path vs a bare reference MAE step
+    pipeline RECIPE            end-to-end pretraining images/s, real data vs pre-decoded tensors
+    masks                      milliseconds to draw a batch of masks, per mask type
+    incontext                  in-context retrieval queries/s against memory size
 
 Example, the folder and shard paths on the same images::
 
@@ -19,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from collections.abc import Callable
@@ -28,14 +32,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 
-def _machine() -> dict:
-    load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return {
-        "cpu": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "load_avg_1m_before": round(load[0], 2) if load else None,
-        "python": platform.python_version(),
-    }
+from mimkit.bench import incontext, masks, peak, pipeline, step  # noqa: E402
+from mimkit.bench.common import machine_info  # noqa: E402
 
 
 def _images_per_s(source: str, workers: int, images: int, batch: int, img_size: int, transform: str) -> float:
@@ -100,7 +98,7 @@ def data(args: argparse.Namespace) -> dict:
             f"{r['images_per_s_per_worker']:>10.1f}"
         )
     options = {k: getattr(args, k) for k in ("images", "batch", "img_size", "transform", "repeat")}
-    return {"benchmark": "data", "options": options, "machine": _machine(), "results": rows}
+    return {"benchmark": "data", "options": options, "machine": machine_info(), "results": rows}
 
 
 def _data_args(parser: argparse.ArgumentParser) -> None:
@@ -115,6 +113,11 @@ def _data_args(parser: argparse.ArgumentParser) -> None:
 
 SUBCOMMANDS: dict[str, tuple[Callable[[argparse.Namespace], dict], Callable, str]] = {
     "data": (data, _data_args, "decoded-and-augmented images/s per worker count"),
+    "peak": (peak.run, peak.add_args, "matmul GFLOP/s at the model's shapes, fp32 and bf16"),
+    "step": (step.run, step.add_args, "trainer-path training step vs a bare reference MAE step"),
+    "pipeline": (pipeline.run, pipeline.add_args, "end-to-end pretraining images/s, real vs pre-decoded data"),
+    "masks": (masks.run, masks.add_args, "milliseconds to draw a batch of masks per mask type"),
+    "incontext": (incontext.run, incontext.add_args, "in-context retrieval queries/s against memory size"),
 }
 
 

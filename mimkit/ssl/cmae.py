@@ -73,7 +73,6 @@ from mimkit.ssl.decoder import MAEDecoder
 from mimkit.ssl.mae import init_mae_weights
 from mimkit.ssl.masking import MaskGenerator, ids_keep
 from mimkit.ssl.registry import register_method
-from mimkit.ssl.targets import masked_mse, pixel_targets
 
 
 def diagonal_agreement(f1: torch.Tensor, f2: torch.Tensor, both: torch.Tensor) -> torch.Tensor:
@@ -247,10 +246,9 @@ class ContrastiveMAE(nn.Module):
         latent1, latent2 = self._encode(images, keep1, keep2)
         feats1 = self.decoder1.forward_features(latent1, keep1)
         feats2 = self.decoder2.forward_features(latent2, keep2)
-        pred1, pred2 = self.decoder1.head(feats1), self.decoder2.head(feats2)
-
-        target = pixel_targets(images, self.patch_size, self.norm_pix_loss)
-        rec1, rec2 = masked_mse(pred1, target, mask1), masked_mse(pred2, target, mask2)
+        p, norm_pix = self.patch_size, self.norm_pix_loss
+        rec1, pred1 = self.decoder1.pixel_loss(feats1, images, mask1, p, norm_pix)
+        rec2, pred2 = self.decoder2.pixel_loss(feats2, images, mask2, p, norm_pix)
         both = mask1 & mask2
         extra = {"temperature": self.temperature} if self.agreement == "infonce" else {}
         agree = AGREEMENTS[self.agreement](feats1[:, 1:], feats2[:, 1:], both, **extra)

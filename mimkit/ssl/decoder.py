@@ -9,6 +9,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from mimkit.models.pos_embed import sincos_2d
+from mimkit.ssl.targets import masked_mse, pixel_targets, scatter_patches, select_patches, selected_mse
 
 
 class MAEDecoder(nn.Module):
@@ -66,9 +67,39 @@ class MAEDecoder(nn.Module):
             x = block(x)
         return x
 
-    def head(self, features: torch.Tensor) -> torch.Tensor:
-        """Per-patch predictions (B, L, out_dim) from :meth:`forward_features` (cls dropped)."""
-        return self.pred(self.norm(features))[:, 1:]
+    def head(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-patch predictions from :meth:`forward_features` (cls dropped).
+
+        With ``mask`` (B, L) bool, True = predicted, holding the same count M in every row, only
+        those patches go through the final norm and projection: (B, M, out_dim) in row-major
+        order. Both act per token, so this equals selecting from the full (B, L, out_dim)
+        output; it spares the work (and the memory) for patches the loss never reads.
+        """
+        if mask is None:
+            return self.pred(self.norm(features[:, 1:]))
+        return self.pred(self.norm(select_patches(features[:, 1:], mask)))
+
+    def pixel_loss(
+        self,
+        features: torch.Tensor,
+        images: torch.Tensor,
+        mask: torch.Tensor,
+        patch_size: int,
+        norm_pix: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """MAE's loss on the masked patches and the predictions, from :meth:`forward_features`.
+
+        Returns ``(loss, pred)``, pred (B, L, out_dim). In training mode the head and the targets
+        cover the masked patches only, the ones the loss reads (same loss and gradients, less
+        work), and ``pred`` is a detached copy with zeros at visible positions; in eval mode
+        every patch is predicted, for pictures.
+        """
+        if not self.training:
+            pred = self.head(features)
+            return masked_mse(pred, pixel_targets(images, patch_size, norm_pix), mask), pred
+        pred = self.head(features, mask)
+        loss = selected_mse(pred, pixel_targets(images, patch_size, norm_pix, mask=mask))
+        return loss, scatter_patches(pred.detach(), mask)
 
     def forward(self, latent: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
         """(B, L, out_dim) predictions for every patch."""

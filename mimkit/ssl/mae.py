@@ -15,7 +15,6 @@ from mimkit.models import Backbone
 from mimkit.ssl.decoder import MAEDecoder
 from mimkit.ssl.masking import MaskGenerator, ids_keep
 from mimkit.ssl.registry import register_method
-from mimkit.ssl.targets import masked_mse, pixel_targets
 
 
 def init_mae_weights(module: nn.Module) -> None:
@@ -94,13 +93,14 @@ class MAE(nn.Module):
                 torch's default RNG) when not given.
 
         Returns:
-            ``loss`` (scalar), ``pred`` (B, L, p*p*C) and ``patch_mask`` (B, L).
+            ``loss`` (scalar), ``pred`` (B, L, p*p*C) and ``patch_mask`` (B, L); in training mode
+            ``pred`` holds zeros at visible positions (see :meth:`MAEDecoder.pixel_loss`).
         """
         images = batch["image"]
         if mask is None:
             mask = self.mask_generator(images.shape[0], self.encoder.grid_size, device=images.device)
         keep = ids_keep(mask)
         latent = self.encoder.forward_visible(images, keep)
-        pred = self.decoder(latent, keep)
-        target = pixel_targets(images, self.patch_size, self.norm_pix_loss)
-        return {"loss": masked_mse(pred, target, mask), "pred": pred, "patch_mask": mask}
+        features = self.decoder.forward_features(latent, keep)
+        loss, pred = self.decoder.pixel_loss(features, images, mask, self.patch_size, self.norm_pix_loss)
+        return {"loss": loss, "pred": pred, "patch_mask": mask}

@@ -87,7 +87,6 @@ from mimkit.ssl.decoder import MAEDecoder
 from mimkit.ssl.mae import init_mae_weights
 from mimkit.ssl.masking import MaskGenerator, ids_keep
 from mimkit.ssl.registry import register_method
-from mimkit.ssl.targets import masked_mse, pixel_targets
 
 MIXING = ("homologous", "naive")
 SEGMENT_PLACES = ("decoder", "encoder", "both", "none")
@@ -455,9 +454,10 @@ class MixedAE(nn.Module):
         if self.segment_place in ("decoder", "both"):
             slots = torch.arange(b, device=images.device) % size
             visible = visible + self.segment_embed[slots][:, None]
-        pred = self.decoder(torch.cat([group_latent[:, :1], visible], dim=1), keep)
-        target = pixel_targets(images, self.patch_size, self.norm_pix_loss)
-        loss_rec = masked_mse(pred, target, patch_mask)
+        features = self.decoder.forward_features(torch.cat([group_latent[:, :1], visible], dim=1), keep)
+        loss_rec, pred = self.decoder.pixel_loss(
+            features, images, patch_mask, self.patch_size, self.norm_pix_loss
+        )
 
         out = {"loss_rec": loss_rec}
         if self.contrast_weight > 0:

@@ -127,6 +127,7 @@ class TrainConfig:
     max_steps: int | None = None
     precision: str = "fp32"
     zero_stage: int = 0
+    compile: bool = False
 
 
 @dataclass

@@ -44,6 +44,7 @@ RECIPE_FILE = "recipe.yaml"
 METRICS_FILE = "metrics.jsonl"
 MODEL_FILE = "model.safetensors"
 CHECKPOINTS = "checkpoints"
+INPUT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -110,7 +111,7 @@ def pretrain(recipe: Recipe) -> RunResult:
     steps_per_epoch = sampler.steps_per_epoch
     total_steps = recipe.train.epochs * steps_per_epoch
     last_step = min(total_steps, recipe.train.max_steps or total_steps)
-    engine, optimizer = _engine(recipe, dist)
+    engine, optimizer = build_engine(recipe, dist)
     o = recipe.optim
 
     state = checkpoint.load(engine, ckpt_dir, dist.rank)
@@ -130,9 +131,7 @@ def pretrain(recipe: Recipe) -> RunResult:
         disable=not (dist.is_main and recipe.run.progress),
     )
     plain_fp32 = recipe.train.zero_stage == 0 and recipe.train.precision == "fp32"
-    input_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
-        recipe.train.precision
-    ]
+    input_dtype = INPUT_DTYPES[recipe.train.precision]
     accum = recipe.accumulation
     first_loss = final_loss = None
     window = _Window()
@@ -275,8 +274,12 @@ def _data_counts(sampler, dist: Dist, max_bad_fraction: float, step: int) -> dic
     return {"samples_read": good, "bad_samples": bad}
 
 
-def _engine(recipe: Recipe, dist: Dist):
-    """The method, built from the same seed on every rank, wrapped in a DeepSpeed engine with AdamW."""
+def build_engine(recipe: Recipe, dist: Dist):
+    """The method, built from the same seed on every rank, wrapped in a DeepSpeed engine with AdamW.
+
+    Returns ``(engine, optimizer)``. With ``train.compile`` the engine's module goes through
+    ``torch.compile`` (DeepSpeed's ``engine.compile``; state-dict keys stay unchanged).
+    """
     from mimkit.ssl import build_method
 
     deepspeed = import_deepspeed()
@@ -287,6 +290,8 @@ def _engine(recipe: Recipe, dist: Dist):
     engine, optimizer, _, _ = deepspeed.initialize(
         model=method, optimizer=optimizer, config=deepspeed_config(recipe)
     )
+    if recipe.train.compile:
+        engine.compile()
     seed_everything(recipe.run.seed + dist.rank)  # per-rank streams for masks and dropout
     return engine, optimizer
 
