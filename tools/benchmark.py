@@ -115,7 +115,7 @@ SUBCOMMANDS: dict[str, tuple[Callable[[argparse.Namespace], dict], Callable, str
     "data": (data, _data_args, "decoded-and-augmented images/s per worker count"),
     "peak": (peak.run, peak.add_args, "matmul GFLOP/s at the model's shapes, fp32 and bf16"),
     "step": (step.run, step.add_args, "trainer-path training step vs a bare reference MAE step"),
-    "pipeline": (pipeline.run, pipeline.add_args, "end-to-end pretraining images/s, real vs pre-decoded data"),
+    "pipeline": (pipeline.run, pipeline.add_args, "end-to-end pretraining images/s, real vs pre-decoded"),
     "masks": (masks.run, masks.add_args, "milliseconds to draw a batch of masks per mask type"),
     "incontext": (incontext.run, incontext.add_args, "in-context retrieval queries/s against memory size"),
 }

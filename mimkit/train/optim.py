@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+FUSED_ADAMW_DEVICES = ("cpu", "cuda")  # where torch ships a fused AdamW kernel
+
 
 def no_weight_decay(name: str, param: nn.Parameter, suffixes: Sequence[str]) -> bool:
     """Biases and norm weights (every 1-D parameter) and names ending in ``suffixes`` skip decay."""
@@ -36,9 +38,12 @@ def build_adamw(
     no_decay: Sequence[str],
     device: torch.device,
 ) -> torch.optim.AdamW:
-    """``torch.optim.AdamW`` over :func:`param_groups`; the fused CUDA kernel on GPU.
+    """``torch.optim.AdamW`` over :func:`param_groups`, its fused kernel on CPU and CUDA.
 
+    The fused kernel updates a ViT-S MAE's 47.6 M parameters in 23 ms on 2 CPU cores, against
+    124 ms for the default per-parameter loop and 133 ms for ``foreach`` (benchmarks/README.md).
     The learning rate is overwritten every step by the schedule; ``lr`` is only its start value.
     """
     groups = param_groups(model, weight_decay, no_decay)
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=device.type == "cuda")
+    fused = device.type in FUSED_ADAMW_DEVICES
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused)

@@ -84,7 +84,13 @@ def test_split_lengths_and_index_range():
 
 
 @pytest.mark.parametrize(
-    "kwargs, bad", [({"size": 8}, "size=8"), ({"train": 0}, "train=0"), ({"seed": -1}, "seed=-1")]
+    "kwargs, bad",
+    [
+        ({"size": 8}, "size=8"),
+        ({"train": 0}, "train=0"),
+        ({"seed": -1}, "seed=-1"),
+        ({"cache": 2}, "cache=2"),
+    ],
 )
 def test_bad_arguments_are_named(kwargs, bad):
     with pytest.raises(ValueError, match=bad):
@@ -95,3 +101,13 @@ def test_other_sizes():
     scene = SyntheticShapes(size=16).scene(3)
     assert scene.image.shape == (16, 16, 3) and scene.mask.shape == (16, 16)
     assert SyntheticShapes(size=96)[0]["image"].shape == (3, 96, 96)
+
+
+def test_cached_scenes_are_rendered_once_and_equal_fresh_ones():
+    cached, fresh = SyntheticShapes("val", val=6, cache=1), SyntheticShapes("val", val=6)
+    first = cached.scene(4)
+    assert cached.scene(4) is first and cached.scene(-2) is first  # rendered once, negative index too
+    assert fresh.scene(4) is not fresh.scene(4)
+    np.testing.assert_array_equal(first.image, fresh.scene(4).image)
+    for i in range(6):
+        torch.testing.assert_close(cached[i], fresh[i])

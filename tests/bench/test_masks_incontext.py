@@ -1,0 +1,73 @@
+"""``benchmark.py masks`` and ``benchmark.py incontext`` at tiny sizes, through their ``run``."""
+
+import argparse
+import json
+
+import pytest
+
+from mimkit.bench import incontext, masks
+from mimkit.ssl.colornoise import COLORS
+from mimkit.ssl.masking import list_masks, num_masked
+
+
+def _args(module, argv: list[str]) -> argparse.Namespace:
+    # what tools/benchmark.py builds: the module's options plus --json and --no-progress
+    parser = argparse.ArgumentParser()
+    module.add_args(parser)
+    parser.add_argument("--json")
+    parser.add_argument("--no-progress", action="store_true")
+    return parser.parse_args([*argv, "--no-progress"])
+
+
+def test_masks_every_type_and_colour(capsys):
+    res = masks.run(_args(masks, ["--batch", "8", "--grid", "6", "7", "--repeat", "2", "--ratio", "0.5"]))
+    res = json.loads(json.dumps(res))  # JSON-ready
+    names = [r["type"] for r in res["results"]]
+    expected = [t for t in list_masks() if t != "colornoise"] + [f"colornoise:{c}" for c in COLORS]
+    assert sorted(names) == sorted(expected) and "random" in names and "block" in names
+    for r in res["results"]:
+        assert r["batch"] == 8 and r["grid"] == [6, 7] and r["ratio"] == 0.5
+        assert r["masked_per_sample"] == num_masked(42, 0.5)
+        assert 0 < r["min_ms"] <= r["median_ms"] and r["setup_ms"] > 0
+        assert r["masks_per_s"] == pytest.approx(8 / (r["median_ms"] / 1e3))
+    assert res["options"]["batch"] == 8 and res["machine"]["torch_threads"] >= 1
+    table = capsys.readouterr().out
+    assert all(name in table for name in expected)
+
+
+def test_masks_selected_types_and_errors():
+    assert masks.mask_specs(["colornoise:green", "random", "random"]) == ["colornoise:green", "random"]
+    assert masks.mask_config("colornoise:blue", 0.6) == {"type": "colornoise", "ratio": 0.6, "color": "blue"}
+    res = masks.run(
+        _args(masks, ["--types", "colornoise:red", "--batch", "4", "--grid", "4", "4", "--repeat", "1"])
+    )
+    assert [r["type"] for r in res["results"]] == ["colornoise:red"]
+    with pytest.raises(ValueError, match=r"unknown mask type 'checker'; valid: .*random.*colornoise:green"):
+        masks.run(_args(masks, ["--types", "random", "checker", "--batch", "4"]))
+    with pytest.raises(ValueError, match="unknown color 'pink' in 'colornoise:pink'; valid: red, green"):
+        masks.mask_specs(["colornoise:pink"])
+    with pytest.raises(ValueError, match="takes no ':x' variant"):
+        masks.mask_specs(["random:x"])
+    with pytest.raises(ValueError, match="must be positive"):
+        masks.run(_args(masks, ["--batch", "0"]))
+
+
+def test_incontext_one_row_per_size():
+    argv = ["--memory-sizes", "400", "100", "--dim", "8", "--queries", "64", "--k", "5", "--repeat", "1"]
+    res = json.loads(json.dumps(incontext.run(_args(incontext, argv))))
+    rows = res["results"]
+    assert [r["memory_size"] for r in rows] == [100, 400]
+    for r in rows:
+        assert r["dim"] == 8 and r["num_queries"] == 64 and r["k"] == 5 and r["key_dtype"] == "fp32"
+        assert r["device"] == "cpu" and r["queries_per_s"] > 0
+        assert r["queries_per_s"] == pytest.approx(64 / r["seconds"])
+    assert res["options"]["memory_sizes"] == [400, 100] and "machine" in res
+
+
+def test_incontext_errors():
+    with pytest.raises(ValueError, match="--k=50 exceeds the smallest memory size 20"):
+        incontext.run(_args(incontext, ["--memory-sizes", "20", "100", "--k", "50"]))
+    with pytest.raises(ValueError, match="--dim must be positive"):
+        incontext.run(_args(incontext, ["--dim", "0"]))
+    with pytest.raises(ValueError, match="valid: cpu, cuda"):
+        incontext.run(_args(incontext, ["--device", "tpu7", "--memory-sizes", "100"]))
