@@ -5,9 +5,9 @@ no recipe, no DeepSpeed, just timm's ``PatchEmbed`` and ``Block``, masking by so
 noise and gathering (``argsort``; the mask is ``gather``-ed back with the inverse permutation),
 a decoder that runs over all tokens and a head over all patches, the loss computed on the full
 (B, L) grid and weighted by the mask, and a plain ``torch.optim.AdamW`` (no decay on 1-D
-parameters, as MAE's ``add_weight_decay``). Attention is timm's non-fused path by default, as the
-timm 0.3 blocks of the original code computed it; ``fused_attn=True`` switches to
-``scaled_dot_product_attention``.
+parameters, as MAE's ``add_weight_decay``). ``fused_attn`` picks timm's attention path: ``True``
+is ``scaled_dot_product_attention``, as current timm blocks run by default; ``False`` (the
+default here) is the explicit softmax(q k^T) v of the timm 0.3 blocks the original code ran on.
 
 :meth:`ReferenceMAE.from_mae` copies the weights of a mimkit :class:`~mimkit.ssl.mae.MAE`, so
 both compute the same loss and gradients on the same images and mask (checked in the tests).

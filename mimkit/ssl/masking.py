@@ -16,6 +16,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -140,52 +141,49 @@ class BlockMasking(MaskGenerator):
         self.log_aspect = (math.log(min_aspect), math.log(max_aspect))
         self.max_rounds = max_rounds
 
-    def _uniform(self, low: float, high: float, generator) -> float:
-        return low + (high - low) * float(torch.rand((), generator=generator))
-
-    def _randint(self, high: int, generator) -> int:
-        return int(torch.randint(high, (), generator=generator))
-
-    def _add_block(self, mask: torch.Tensor, budget: int, generator) -> int:
+    def _add_block(self, mask: np.ndarray, budget: int, rng: np.random.Generator) -> int:
         rows, cols = mask.shape
         for _ in range(10):
-            area = self._uniform(self.min_num_patches, budget, generator)
-            aspect = math.exp(self._uniform(*self.log_aspect, generator))
+            # BEiT draws uniform(min_num_patches, budget) even when the budget is the smaller one
+            area = self.min_num_patches + (budget - self.min_num_patches) * rng.random()
+            aspect = math.exp(rng.uniform(*self.log_aspect))
             h = int(round(math.sqrt(area * aspect)))
             w = int(round(math.sqrt(area / aspect)))
             if 0 < h < rows and 0 < w < cols:
-                top, left = self._randint(rows - h + 1, generator), self._randint(cols - w + 1, generator)
+                top, left = int(rng.integers(rows - h + 1)), int(rng.integers(cols - w + 1))
                 window = mask[top : top + h, left : left + w]
                 added = h * w - int(window.sum())
                 if 0 < added <= budget:
-                    window.fill_(True)
+                    window[:] = True
                     return added
         return 0
 
-    def _grow(self, mask: torch.Tensor, missing: int, generator) -> None:
+    def _grow(self, mask: np.ndarray, missing: int, rng: np.random.Generator) -> None:
         for _ in range(missing):
-            near = torch.zeros_like(mask)
+            near = np.zeros_like(mask)
             near[1:] |= mask[:-1]
             near[:-1] |= mask[1:]
             near[:, 1:] |= mask[:, :-1]
             near[:, :-1] |= mask[:, 1:]
-            candidates = (near & ~mask).flatten().nonzero().flatten()
+            candidates = np.flatnonzero(near & ~mask)
             if len(candidates) == 0:  # empty mask: start anywhere
-                candidates = (~mask).flatten().nonzero().flatten()
-            pick = candidates[self._randint(len(candidates), generator)]
-            mask.view(-1)[pick] = True
+                candidates = np.flatnonzero(~mask)
+            mask.flat[candidates[rng.integers(len(candidates))]] = True
 
     def sample(self, batch_size, grid_size, generator):
+        # The loop draws a few scalars per block; numpy's generator does that ~10x faster than
+        # torch's 0-d tensors, so the torch generator only seeds it (one draw per batch).
+        rng = np.random.default_rng(int(torch.randint(2**62, (), generator=generator)))
         target = num_masked(grid_size[0] * grid_size[1], self.ratio)
-        masks = torch.zeros(batch_size, *grid_size, dtype=torch.bool)
+        masks = np.zeros((batch_size, *grid_size), dtype=bool)
         for mask in masks:
             count = 0
             for _ in range(self.max_rounds):
                 if count >= target:
                     break
-                count += self._add_block(mask, target - count, generator)
-            self._grow(mask, target - count, generator)
-        return masks.flatten(1)
+                count += self._add_block(mask, target - count, rng)
+            self._grow(mask, target - count, rng)
+        return torch.from_numpy(masks.reshape(batch_size, -1))
 
     def __repr__(self) -> str:
         return f"BlockMasking(ratio={self.ratio}, min_num_patches={self.min_num_patches})"

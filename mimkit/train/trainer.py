@@ -309,6 +309,10 @@ def build_engine(recipe: Recipe, dist: Dist):
     engine, optimizer, _, _ = deepspeed.initialize(
         model=method, optimizer=optimizer, config=deepspeed_config(recipe)
     )
+    if dist.world_size == 1 and recipe.train.zero_stage == 0:
+        # Alone, DeepSpeed still flattens every gradient into a buffer, all-reduces it with itself
+        # and copies it back after each backward: pure copies, so skip them.
+        engine.enable_backward_allreduce = False
     if recipe.train.compile:
         engine.compile()
     seed_everything(recipe.run.seed + dist.rank)  # per-rank streams for masks and dropout

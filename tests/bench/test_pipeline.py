@@ -8,7 +8,6 @@ outlives the run, so it stays out of the test process).
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 
 from mimkit.bench import pipeline
 from mimkit.data import build_source, build_transform
+from tests.helpers import subprocess_env
 
 REPO = Path(__file__).resolve().parents[2]
 TOOL = REPO / "tools" / "benchmark.py"
@@ -80,9 +80,7 @@ def test_pipeline_tool_tiny_run(tmp_path):
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(TINY)
     out = tmp_path / "pipeline.json"
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    env["OMP_NUM_THREADS"] = "1"
+    env = subprocess_env()
     cmd = [sys.executable, str(TOOL), "pipeline", str(recipe), "--workers", "1", "0", "--steps", "4"]
     cmd += ["--log-every", "2", "--predecoded-samples", "16", "--set", "optim.lr=1e-3"]
     cmd += ["--json", str(out), "--no-progress"]

@@ -111,3 +111,21 @@ def test_cached_scenes_are_rendered_once_and_equal_fresh_ones():
     np.testing.assert_array_equal(first.image, fresh.scene(4).image)
     for i in range(6):
         torch.testing.assert_close(cached[i], fresh[i])
+
+
+def test_segmentation_off_leaves_the_mask_out_and_the_image_unchanged():
+    from mimkit.data import build_source, build_transform
+
+    uri = "synthetic:shapes?size=64&train=8&val=2&seed=3"
+    transform = build_transform("pretrain", 32)
+    with_mask, without = (
+        build_source(uri, "train", transform),
+        build_source(uri + "&segmentation=0", "train", transform),
+    )
+    for i in range(4):
+        torch.manual_seed(i)
+        a = with_mask[i]
+        torch.manual_seed(i)
+        b = without[i]
+        assert "mask" in a and sorted(b) == ["image", "label"]
+        torch.testing.assert_close(a["image"], b["image"])  # same crop and flip draws

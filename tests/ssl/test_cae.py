@@ -1,7 +1,6 @@
 """CAE: gradient paths, what each branch sees, the loss formula, targets, recipes, a short run."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ from mimkit.ssl import build_method, masking
 from mimkit.ssl.cae import CAE
 from mimkit.ssl.masking import ids_keep, ids_masked
 from mimkit.ssl.targets import patchify
+from tests.helpers import subprocess_env
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = {
@@ -291,8 +291,7 @@ def test_demo_recipe_trains_through_the_pretrain_tool(tmp_path):
         "run.progress=false",
     ]
     tool, recipe = REPO / "tools" / "pretrain.py", REPO / "recipes" / "demo" / "cae_vit_tiny.yaml"
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
+    env = subprocess_env()
     cmd = [sys.executable, str(driver), str(tool), str(recipe), *overrides]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"

@@ -3,7 +3,6 @@ separate decoders and a shared encoder, overfitting a batch, build errors, the r
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +21,7 @@ from mimkit.ssl.cmae import (
 )
 from mimkit.ssl.masking import MaskGenerator, ids_keep
 from mimkit.ssl.targets import masked_mse, pixel_targets
+from tests.helpers import subprocess_env
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = {
@@ -304,8 +304,7 @@ def test_demo_recipe_trains_through_the_pretrain_tool(tmp_path):
     )
     tool, recipe = REPO / "tools/pretrain.py", REPO / "recipes/demo/cmae_vit_tiny.yaml"
     cmd = [sys.executable, "-c", run_tool, str(tool), str(recipe)]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
+    env = subprocess_env()
     proc = subprocess.run([*cmd, *overrides], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -3,7 +3,6 @@ by hand, a plain exported encoder, overfitting a batch, build errors, the recipe
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +26,7 @@ from mimkit.ssl.mixedae import (
     topk_keep,
 )
 from mimkit.ssl.targets import masked_mse, patchify, pixel_targets, unpatchify
+from tests.helpers import subprocess_env
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = {
@@ -374,8 +374,7 @@ def test_demo_recipe_trains_through_the_pretrain_tool(tmp_path):
     )
     tool, recipe = REPO / "tools/pretrain.py", REPO / "recipes/demo/mixedae_vit_tiny.yaml"
     cmd = [sys.executable, "-c", run_tool, str(tool), str(recipe)]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
+    env = subprocess_env()
     proc = subprocess.run([*cmd, *overrides], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -6,7 +6,6 @@ and an epoch is 4 optimizer steps. Runs of 6 steps cross an epoch boundary.
 """
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from mimkit.models import load_backbone
 from mimkit.train import load_method, load_recipe
 from mimkit.train.checkpoint import LATEST, tag_for
 from mimkit.train.distributed import free_port
+from tests.helpers import subprocess_env
 
 REPO = Path(__file__).resolve().parents[2]
 TOOL = REPO / "tools" / "pretrain.py"
@@ -48,9 +48,7 @@ def recipe(tmp_path_factory) -> Path:
 
 
 def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    env["OMP_NUM_THREADS"] = "1"
+    env = subprocess_env()
     return env
 
 
