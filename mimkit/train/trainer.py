@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from mimkit.train import checkpoint
 from mimkit.train.config import Recipe, RecipeError, from_dict, load_recipe
+from mimkit.train.cpu_memory import keep_freed_memory
 from mimkit.train.distributed import Dist, barrier, import_deepspeed, init_distributed
 from mimkit.train.loader import build_loader, build_stream_loader
 from mimkit.train.optim import build_adamw
@@ -302,6 +303,8 @@ def build_engine(recipe: Recipe, dist: Dist):
     from mimkit.ssl import build_method
 
     deepspeed = import_deepspeed()
+    if dist.device.type == "cpu":
+        keep_freed_memory()  # 13-20% faster CPU steps (mimkit/train/cpu_memory.py)
     seed_everything(recipe.run.seed)  # identical initial weights on every rank
     method = build_method(recipe.method.to_dict())
     o = recipe.optim
