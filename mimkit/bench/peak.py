@@ -52,7 +52,8 @@ def mae_shapes(
     )
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work, so a timer reads finished work (a no-op on CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -66,16 +67,16 @@ def matmul_flops_per_s(
     b = torch.randn(k, n, generator=g).to(device, dtype)
     out = torch.empty(m, n, dtype=dtype, device=device)
     torch.matmul(a, b, out=out)
-    _sync(device)
+    sync(device)
     tic = time.perf_counter()
     torch.matmul(a, b, out=out)
-    _sync(device)
+    sync(device)
     once = max(time.perf_counter() - tic, 1e-6)
     reps = max(1, int(min_seconds / once))
     start = time.perf_counter()
     for _ in range(reps):
         torch.matmul(a, b, out=out)
-    _sync(device)
+    sync(device)
     return 2.0 * m * k * n * reps / (time.perf_counter() - start)
 
 

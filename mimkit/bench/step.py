@@ -30,17 +30,12 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from mimkit.bench.common import machine_info, print_table
-from mimkit.bench.peak import mae_shapes, measure_peak
+from mimkit.bench.peak import mae_shapes, measure_peak, sync
 from mimkit.bench.reference import ReferenceMAE, reference_optimizer
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 DEFAULT_RECIPE = RECIPES / "mae" / "default.yaml"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -166,7 +161,7 @@ class TrainerPath:
         grid = self.module.encoder.grid_size
         tic = time.perf_counter()
         generator(len(self.images), grid, device=self.device)
-        _sync(self.device)
+        sync(self.device)
         return time.perf_counter() - tic
 
 
@@ -383,10 +378,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             order = paths[round_ % len(paths) :] + paths[: round_ % len(paths)]  # no path always first
             for path in order:
                 reset_peak_memory(device)
-                _sync(device)
+                sync(device)
                 tic = time.perf_counter()
                 losses[path.name].append(path.step())
-                _sync(device)
+                sync(device)
                 if timed:
                     seconds[path.name].append(time.perf_counter() - tic)
                     peak_now = peak_memory_mib(device)
