@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             device=args.device,
             workers=args.workers,
             seed=args.seed,
+            normalization=args.normalization,
             json_path=args.json,
             progress=not args.no_progress,
         )

@@ -115,11 +115,11 @@ def _seg(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
     if args.vs_random:
         return compare_incontext(
             args.encoder, args.train, args.val, img_size=args.img_size, checkpoint=args.checkpoint,
-            seed=args.seed, device=args.device, **options,
+            seed=args.seed, device=args.device, normalization=args.normalization, **options,
         )  # fmt: skip
     encoder = load_encoder(
         args.encoder, random_init=args.random_init, img_size=args.img_size, checkpoint=args.checkpoint,
-        seed=args.seed, device=args.device,
+        seed=args.seed, device=args.device, normalization=args.normalization,
     )  # fmt: skip
     res = incontext_segmentation(encoder, args.train, args.val, seed=args.seed, device=args.device, **options)
     print(format_segmentation(res))
@@ -129,7 +129,7 @@ def _seg(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
 def _cls(args: argparse.Namespace) -> dict:
     encoder = load_encoder(
         args.encoder, random_init=args.random_init, img_size=args.img_size, checkpoint=args.checkpoint,
-        seed=args.seed, device=args.device,
+        seed=args.seed, device=args.device, normalization=args.normalization,
     )  # fmt: skip
     res = incontext_classification(
         encoder, args.train, args.val, shots=args.shots, episodes=args.episodes, k=args.k,

@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             checkpoint=args.checkpoint,
             seed=args.seed,
             device=args.device,
+            normalization=args.normalization,
         )
         res = linear_probe(
             encoder,

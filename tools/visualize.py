@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mimkit.data import IMAGENET_MEAN, IMAGENET_STD, build_source, build_transform  # noqa: E402
+from mimkit.data import build_source, build_transform  # noqa: E402
 from mimkit.ssl import masking  # noqa: E402
 from mimkit.visualize import default_mask_kinds, plot_curves, plot_masks, reconstruct, save_recon_grid  # noqa: E402
 
@@ -33,9 +33,10 @@ def recon(run_dir: Path, num: int, seed: int, out: Path | None) -> Path:
     method = load_method(run_dir).eval()
     recipe = load_recipe(run_dir / "recipe.yaml", check_data=False)
     img_size = method.encoder.config["img_size"][0]
-    val = build_source(recipe.data.source, split="val", transform=build_transform("eval", img_size))
+    norm = recipe.normalization  # the run's own (data.mean / std: auto were resolved into recipe.yaml)
+    val = build_source(recipe.data.source, split="val", transform=build_transform("eval", img_size, norm))
     images = torch.stack([val[i]["image"] for i in range(min(num, len(val)))])
-    mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+    mean, std = torch.tensor(norm.mean), torch.tensor(norm.std)
     pictures = reconstruct(method, images, mean, std, seed=seed)
     return save_recon_grid(pictures, out or run_dir / "reconstructions.png")
 

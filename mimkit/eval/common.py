@@ -3,7 +3,8 @@
 Tools take ``--encoder PATH`` (an export directory, ``encoder.safetensors`` or a pretraining run
 directory), ``--train SOURCE`` and ``--val SOURCE`` (the val split of ``--train`` by default),
 ``--device``, ``--batch-size``, ``--json PATH``, ``--random-init`` (an untrained encoder of the
-same shape, the floor every result is read against) and ``--img-size`` (the encoder's by default).
+same shape, the floor every result is read against), ``--img-size`` (the encoder's by default) and
+``--mean`` / ``--std`` (the input normalisation; by default the one the encoder export records).
 A result is a dict ``{"tool", "protocol", "encoder", "data", "settings", "results", ...}``.
 """
 
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 
 import mimkit
+from mimkit.data.transforms import Normalization
 
 
 def default_device() -> str:
@@ -79,6 +81,16 @@ def add_eval_args(
         ),
         help="data-loading processes (default: the usable CPUs, at most 8: %(default)s)",
     )
+    parser.add_argument(
+        "--mean",
+        type=float,
+        nargs="+",
+        default=None,
+        help="input normalisation mean per channel, replacing the encoder export's (default: the export's)",
+    )
+    parser.add_argument(
+        "--std", type=float, nargs="+", default=None, help="input normalisation std per channel (with --mean)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of draws, heads and --random-init")
     parser.add_argument(
         "--cache-dir",
@@ -97,6 +109,15 @@ def check_common_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
         parser.error(f"--img-size {args.img_size} must be positive")
     if args.workers < 0:
         parser.error(f"--workers {args.workers} must be non-negative")
+    if (args.mean is None) != (args.std is None):
+        parser.error("--mean and --std go together: give both (one value per input channel) or neither")
+    if args.mean is not None:
+        try:
+            args.normalization = Normalization(tuple(args.mean), tuple(args.std))
+        except ValueError as err:
+            parser.error(f"--mean {args.mean} --std {args.std}: {err}")
+    else:
+        args.normalization = None
     if not Path(args.encoder).exists():
         from mimkit.models import list_backbones
 

@@ -23,10 +23,12 @@ from typing import Any
 import torch
 
 from mimkit.data import build_source, build_transform
+from mimkit.data.transforms import Normalization
 from mimkit.eval.common import data_info, format_table, result, write_json
 from mimkit.eval.features import (
     describe_encoder,
     extract_features,
+    input_normalization,
     load_encoder,
     num_classes_of,
     require_labels,
@@ -52,6 +54,7 @@ def compare_encoders(
     device: str | torch.device = "cpu",
     workers: int = 0,
     seed: int = 0,
+    normalization: Normalization | None = None,
     json_path: str | os.PathLike | None = None,
     verbose: bool = True,
     progress: bool = True,
@@ -67,6 +70,7 @@ def compare_encoders(
         probe: the linear-probe settings (MAE's at effective batch 256 and blr 1.0 by default).
         precision: autocast dtype of the frozen forward passes, ``fp32``, ``bf16`` or ``fp16``.
         seed: seed of the random init and of the probe.
+        normalization: replaces the encoder's recorded input normalisation (both encoders).
         json_path: also write the result there.
         verbose: print the side-by-side table.
 
@@ -77,11 +81,19 @@ def compare_encoders(
     start = time.perf_counter()
     val_source = val_source or train_source
     encoders = {
-        "pretrained": load_encoder(encoder, img_size=img_size, checkpoint=checkpoint, device=device),
-        "random init": load_encoder(encoder, img_size=img_size, random_init=True, seed=seed, device=device),
+        name: load_encoder(
+            encoder,
+            img_size=img_size,
+            checkpoint=None if random_init else checkpoint,
+            random_init=random_init,
+            seed=seed,
+            device=device,
+            normalization=normalization,
+        )
+        for name, random_init in (("pretrained", False), ("random init", True))
     }
     img_size = img_size or encoders["pretrained"].patch_embed.img_size[0]
-    transform = build_transform("eval", img_size)
+    transform = build_transform("eval", img_size, input_normalization(encoders["pretrained"]))
     feats, sizes, num_classes = {}, {}, 0
     for split, uri in (("train", train_source), ("val", val_source)):
         dataset = build_source(uri, split, transform)

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from mimkit.data import build_source, build_transform
+from mimkit.data.transforms import Normalization
 from mimkit.models import Backbone, create_backbone, list_backbones, load_backbone
 from mimkit.models.backbone import ENCODER_CONFIG, ENCODER_WEIGHTS, OVERRIDABLE
 from mimkit.models.pos_embed import sincos_2d
@@ -112,6 +113,7 @@ def load_encoder(
     checkpoint: str | os.PathLike | None = None,
     seed: int = 0,
     device: str | torch.device = "cpu",
+    normalization: Normalization | None = None,
 ) -> Backbone:
     """A frozen encoder in eval mode on ``device``.
 
@@ -126,6 +128,8 @@ def load_encoder(
         checkpoint: a timm-keyed state dict (``.safetensors`` or a torch file, optionally under
             ``"model"``) for a registry-name ``spec``.
         seed: the seed of ``random_init``.
+        normalization: replaces the input normalisation recorded in the export (which evaluation
+            transforms read through :func:`input_normalization`); the override is printed.
 
     The returned module carries ``origin``, a dict describing where it came from.
     """
@@ -138,6 +142,7 @@ def load_encoder(
         config = json.loads(config_path.read_text())
         if random_init:
             model = _random_backbone(config["name"], _arch(config), seed)
+            model.normalization = config.get("normalization")  # read as the pretrained one is
         else:
             model = load_backbone(weights)
     elif str(spec) in list_backbones():
@@ -157,7 +162,17 @@ def load_encoder(
     if img_size is not None and [img_size, img_size] != list(model.patch_embed.img_size):
         resized = create_backbone(model.name, **{**_arch(model.config), "img_size": img_size})
         resized.load_state_dict(_resized_state(model.state_dict(), resized), strict=True)
+        resized.normalization = model.normalization
         model = resized
+    if normalization is not None:
+        if normalization.channels != model.in_chans:
+            raise ValueError(
+                f"the normalisation override has {normalization.channels} channel(s) but the encoder reads "
+                f"{model.in_chans}; give one mean and one std per input channel"
+            )
+        recorded = input_normalization(model).to_dict()
+        print(f"[mimkit] input normalisation {normalization.to_dict()} replaces the encoder's {recorded}")
+        model.normalization = normalization.to_dict()
     model.origin = {
         "spec": str(spec),
         "path": str(path.resolve()) if path.exists() else None,
@@ -165,6 +180,11 @@ def load_encoder(
         "seed": seed if random_init else None,
     }
     return model.to(device).eval().requires_grad_(False)
+
+
+def input_normalization(encoder: Backbone) -> Normalization:
+    """The normalisation ``encoder`` was trained with (its export's), ImageNet's where none is recorded."""
+    return Normalization.from_dict(getattr(encoder, "normalization", None), encoder.in_chans)
 
 
 def encoder_digest(encoder: torch.nn.Module) -> str:
@@ -184,6 +204,7 @@ def describe_encoder(encoder: Backbone) -> dict[str, Any]:
         "sha256": encoder_digest(encoder)[:16],
         "config": dict(encoder.config),
         "img_size": list(encoder.patch_embed.img_size),
+        "normalization": input_normalization(encoder).to_dict(),
     }
 
 
@@ -316,7 +337,7 @@ def source_features(
     source by its URI, so a folder whose images change under the same path needs a fresh cache.
     """
     img_size = img_size or encoder.patch_embed.img_size[0]
-    transform = build_transform("eval", img_size)
+    transform = build_transform("eval", img_size, input_normalization(encoder))
     dataset = build_source(uri, split, transform)
     require_labels(dataset, uri, split)
     path = None

@@ -35,9 +35,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from mimkit.data import IMAGENET_MEAN, IMAGENET_STD
+from mimkit.data.transforms import Normalization
 from mimkit.eval.common import format_table, result, write_json
-from mimkit.eval.features import PRECISIONS, describe_encoder, load_encoder
+from mimkit.eval.features import PRECISIONS, describe_encoder, input_normalization, load_encoder
 from mimkit.eval.retrieval import (
     KEY_DTYPES,
     FaissIndex,
@@ -383,8 +383,11 @@ def incontext_segmentation(
     key_dtype = key_dtype or default_key_dtype(device)
     img_size = encoder.patch_embed.img_size[0]
     patch = encoder.patch_embed.patch_size[0]
-    mem_data, names, ignore = seg_source(train_source, "train", "memory" if augment else "val", img_size)
-    val_data, val_names, val_ignore = seg_source(val_source, "val", "val", img_size)
+    norm = input_normalization(encoder)
+    mem_data, names, ignore = seg_source(
+        train_source, "train", "memory" if augment else "val", img_size, norm
+    )
+    val_data, val_names, val_ignore = seg_source(val_source, "val", "val", img_size, norm)
     if (names, ignore) != (val_names, val_ignore):
         raise ValueError(f"{train_source!r} and {val_source!r} have different classes or ignore labels")
     plan = memory_plan(
@@ -426,7 +429,7 @@ def incontext_segmentation(
         "upsampling": "bilinear (align_corners=False) of the per-patch class distributions, then argmax",
         "values": "per-class fraction of the patch's non-ignored pixels; fully ignored patches not stored",
         "ignore_index": ignore,
-        "normalisation": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+        "normalisation": norm.to_dict(),
         "val_transform": f"resize to {img_size}x{img_size} (bilinear, aspect not kept); scored at that size",
         "backend": backend,
         "key_dtype": key_dtype,
@@ -486,13 +489,15 @@ def compare_incontext(
     checkpoint: str | os.PathLike | None = None,
     seed: int = 0,
     device: str | torch.device = "cpu",
+    normalization: Normalization | None = None,
     json_path: str | os.PathLike | None = None,
     verbose: bool = True,
     **kwargs: Any,
 ) -> dict[str, Any]:
     """Dense retrieval mIoU of ``encoder`` and of a random init of its shape, side by side (the demo's).
 
-    ``kwargs`` go to :func:`incontext_segmentation` (``memory_size``, ``aug_epochs``, ``k``, ...).
+    ``kwargs`` go to :func:`incontext_segmentation` (``memory_size``, ``aug_epochs``, ``k``, ...);
+    ``normalization`` replaces the encoder's recorded input normalisation (both encoders).
     Returns ``{"pretrained": result, "random init": result}``; prints the table when ``verbose``.
     """
     out = {}
@@ -504,6 +509,7 @@ def compare_incontext(
             checkpoint=checkpoint,
             seed=seed,
             device=device,
+            normalization=normalization,
         )
         log = print if verbose and name == "pretrained" else None
         out[name] = incontext_segmentation(

@@ -47,6 +47,7 @@ from mimkit.eval.common import data_info, format_table, one_thread_on_cpu, resul
 from mimkit.eval.features import (
     describe_encoder,
     extract_features,
+    input_normalization,
     num_classes_of,
     require_labels,
     source_features,
@@ -440,6 +441,7 @@ def linear_probe(
     device = torch.device(device)
     val_source = val_source or train_source
     img_size = img_size or encoder.patch_embed.img_size[0]
+    norm = input_normalization(encoder)
     n_last = max(settings.n_last_blocks) if preset == "grid" else 1
     loading = dict(batch_size=feature_batch_size, device=device, workers=workers, progress=progress)
     extract = dict(
@@ -456,7 +458,7 @@ def linear_probe(
         plain = build_source(train_source, "train", None)
         require_labels(plain, train_source, "train")
         num_train, num_classes = len(plain), max(num_classes_of(plain), int(test["num_classes"]))
-        augmented = build_source(train_source, "train", probe_train_transform(preset, img_size))
+        augmented = build_source(train_source, "train", probe_train_transform(preset, img_size, norm))
         batches = augmented_batches(
             augmented,
             encoder,
@@ -471,7 +473,7 @@ def linear_probe(
         else:
             labels = _labels_of(plain, progress)
             num_classes = max(num_classes, int(labels.max()) + 1)
-            centre = build_source(train_source, "train", build_transform("eval", img_size))
+            centre = build_source(train_source, "train", build_transform("eval", img_size, norm))
 
             def selection(held: torch.Tensor) -> dict[str, torch.Tensor]:
                 subset = Subset(centre, held.tolist())

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
-from mimkit.data import IMAGENET_MEAN, IMAGENET_STD
+from mimkit.data.transforms import Normalization, ToChannels
 from mimkit.eval.features import encode
 from mimkit.models import Backbone
 
@@ -42,15 +42,19 @@ class MaeRandomResizedCrop(v2.RandomResizedCrop):
         return dict(top=top, left=left, height=h, width=w)
 
 
-def probe_train_transform(preset: str, img_size: int) -> v2.Compose:
-    """The augmentation of ``preset``'s training images: MAE's or torchvision's RRC (bicubic) + flip."""
+def probe_train_transform(preset: str, img_size: int, norm: Normalization | None = None) -> v2.Compose:
+    """The augmentation of ``preset``'s training images: MAE's or torchvision's RRC (bicubic) + flip.
+
+    ``norm`` is the encoder's input normalisation (ImageNet's RGB statistics by default).
+    """
     crop_cls = MaeRandomResizedCrop if preset == "mae" else v2.RandomResizedCrop
+    norm = norm or Normalization()
     return v2.Compose(
         [
+            ToChannels(norm.channels),
             crop_cls(img_size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
             v2.RandomHorizontalFlip(),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            *norm.transforms(),
         ]
     )
 

@@ -26,10 +26,11 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from mimkit.data import IMAGENET_MEAN, IMAGENET_STD, SyntheticShapes, build_source, load_image
+from mimkit.data import SyntheticShapes, build_source, load_image
 from mimkit.data.sample import Transform, check_split, make_sample
 from mimkit.data.sources import register_scheme
 from mimkit.data.synthetic import SHAPES
+from mimkit.data.transforms import Normalization, ToChannels
 
 IGNORE_INDEX = 255
 VOC_CLASSES = (
@@ -163,26 +164,31 @@ def seg_classes(dataset: Dataset, uri: str) -> tuple[tuple[str, ...], int | None
     return tuple(names), dataset.ignore_index
 
 
-def seg_transform(kind: str, img_size: int) -> v2.Compose:
+def seg_transform(kind: str, img_size: int, norm: Normalization | None = None) -> v2.Compose:
     """``memory``: random resized crop (area 0.5-1, aspect 3/4-4/3) + flip; ``val``: resize to a square.
 
-    Both end at ``img_size x img_size`` with ImageNet normalisation; the image resizes bilinearly
+    Both end at ``img_size x img_size``, normalised with ``norm`` (the encoder's input
+    normalisation; ImageNet's RGB statistics by default); the image resizes bilinearly
     (antialiased), the mask with pixel-centre nearest neighbours. ``val`` does not keep the aspect
     ratio and scores at this resolution (open-hummingbird-eval's convention).
     """
-    tail = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    norm = norm or Normalization()
+    tail = norm.transforms()
     bilinear = v2.InterpolationMode.BILINEAR
     if kind == "memory":
         crop = v2.RandomResizedCrop(img_size, scale=CROP_SCALE, ratio=CROP_RATIO, interpolation=bilinear)
-        return v2.Compose([crop, v2.RandomHorizontalFlip(), *tail])
+        return v2.Compose([ToChannels(norm.channels), crop, v2.RandomHorizontalFlip(), *tail])
     if kind == "val":
-        return v2.Compose([v2.Resize((img_size, img_size), interpolation=bilinear), *tail])
+        resize = v2.Resize((img_size, img_size), interpolation=bilinear)
+        return v2.Compose([ToChannels(norm.channels), resize, *tail])
     raise ValueError(f"unknown segmentation transform {kind!r}; valid: {', '.join(SEG_TRANSFORMS)}")
 
 
-def seg_source(uri: str, split: str, kind: str, img_size: int) -> tuple[Dataset, tuple[str, ...], int | None]:
+def seg_source(
+    uri: str, split: str, kind: str, img_size: int, norm: Normalization | None = None
+) -> tuple[Dataset, tuple[str, ...], int | None]:
     """``uri``'s ``split`` under :func:`seg_transform` ``kind``, its class names and ignore label."""
-    dataset = build_source(uri, split, seg_transform(kind, img_size))
+    dataset = build_source(uri, split, seg_transform(kind, img_size, norm))
     if len(dataset) == 0:
         raise ValueError(f"source {uri!r} has no samples in its {split} split")
     names, ignore = seg_classes(dataset, uri)

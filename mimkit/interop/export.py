@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from timm.layers import LayerScale
 from torch import nn
 
-from mimkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from mimkit.data.transforms import Normalization
 from mimkit.models import Backbone
 
 TIMM_WEIGHTS = "timm.safetensors"
@@ -67,8 +67,7 @@ def timm_export_config(encoder: Backbone) -> dict[str, Any]:
         "weights": TIMM_WEIGHTS,
         "preprocessing": {
             "input_size": [encoder.in_chans, h, w],
-            "mean": list(IMAGENET_MEAN),
-            "std": list(IMAGENET_STD),
+            **Normalization.from_dict(encoder.normalization, encoder.in_chans).to_dict(),
             "interpolation": "bicubic",
         },
         "mimkit": encoder.config,

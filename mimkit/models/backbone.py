@@ -62,6 +62,9 @@ class Backbone(VisionTransformer):
         self.name = name
         self.timm_name = timm_name
         self.pos_embed_type = pos_embed
+        # The input normalisation the weights were trained with, {"mean": [...], "std": [...]} per
+        # channel, written to and read from the export; None means ImageNet's for in_chans.
+        self.normalization: dict[str, list[float]] | None = None
         if pos_embed == "sincos":
             with torch.no_grad():
                 self.pos_embed.copy_(sincos_2d(self.embed_dim, self.grid_size)[None])
@@ -202,6 +205,8 @@ def save_backbone(backbone: Backbone, directory: str | os.PathLike, extra: dict 
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
     config = {"format": "mimkit-encoder-v1", **backbone.config, **(extra or {})}
+    if backbone.normalization is not None:
+        config["normalization"] = backbone.normalization
     weights = directory / ENCODER_WEIGHTS
     _atomic_write(weights, lambda p: save_file(state, p))
     _atomic_write(directory / ENCODER_CONFIG, lambda p: Path(p).write_text(json.dumps(config, indent=2)))
@@ -224,4 +229,5 @@ def load_backbone(path: str | os.PathLike, map_location: str = "cpu") -> Backbon
     arch = {k: config[k] for k in OVERRIDABLE if k in config and config[k] is not None}
     backbone = create_backbone(config["name"], **arch)
     backbone.load_state_dict(load_file(str(weights), device=map_location), strict=True)
+    backbone.normalization = config.get("normalization")
     return backbone

@@ -25,6 +25,8 @@ from typing import Any
 
 import yaml
 
+from mimkit.data.transforms import CHANNELS, DEFAULT_CROP_SCALE, Normalization
+
 PRECISIONS = ("fp32", "bf16", "fp16")
 ZERO_STAGES = (0, 1, 2, 3)
 LR_REFERENCE_BATCH = 256
@@ -91,6 +93,10 @@ class DataConfig:
     source: str = "synthetic:shapes"
     split: str = "train"
     img_size: int | None = None
+    channels: int | None = None  # 1 or 3; None follows method.backbone.in_chans (3 unless set)
+    mean: list[float] | str | None = None  # per channel; "auto" measures the source; None: ImageNet's
+    std: list[float] | str | None = None
+    crop_scale: list[float] = field(default_factory=lambda: list(DEFAULT_CROP_SCALE))
     transform: str = "pretrain"
     workers: int = 8
     max_bad_fraction: float = 0.01  # stop when skipped bad samples pass this share of those read
@@ -191,6 +197,26 @@ class Recipe:
     def img_size(self) -> int:
         """Image side: ``data.img_size``, else the backbone's (224 unless overridden)."""
         return self.data.img_size or self.method.backbone.get("img_size", 224)
+
+    @property
+    def channels(self) -> int:
+        """Image channels: ``data.channels``, else the backbone's ``in_chans`` (3 unless overridden)."""
+        return self.data.channels or self.method.backbone.get("in_chans", 3)
+
+    @property
+    def normalization(self) -> Normalization:
+        """The input normalisation: ``data.mean`` / ``data.std``, ImageNet's where null.
+
+        ``auto`` must have been resolved first (:func:`mimkit.train.trainer.resolve_auto_stats`).
+        """
+        default = Normalization.imagenet(self.channels)
+        values = {}
+        for key in ("mean", "std"):
+            value = getattr(self.data, key)
+            if value == "auto":
+                raise RecipeError(f"data.{key}: auto is measured when training starts; not resolved yet")
+            values[key] = tuple(value) if value is not None else getattr(default, key)
+        return Normalization(**values)
 
     def to_dict(self) -> dict[str, Any]:
         """The recipe as YAML-ready plain data, with the method options flattened back."""
@@ -299,6 +325,8 @@ def from_dict(raw: dict[str, Any], world_size: int = 1, check_data: bool = True)
     _check_values(recipe, check_data)
     if recipe.data.img_size is not None:  # one image size for the data and the backbone
         recipe.method.backbone.setdefault("img_size", recipe.data.img_size)
+    if recipe.data.channels is not None:  # and one channel count
+        recipe.method.backbone.setdefault("in_chans", recipe.data.channels)
     return recipe
 
 
@@ -498,6 +526,43 @@ def _check_values(r: Recipe, check_data: bool) -> None:
             "set one of them (data.img_size: null follows the backbone)"
         )
 
+    _check_image_format(r)
+
     for key in ("nan_at_step", "kill_after_step", "kill_in_save_at_step"):
         value = getattr(r.debug, key)
         _require(value is None or value >= 1, f"debug.{key}", "a step number >= 1 or null", value)
+
+
+def _check_image_format(r: Recipe) -> None:
+    """Channels that the data and the backbone agree on, normalisation per channel, a crop range."""
+    d = r.data
+    valid = ", ".join(map(str, CHANNELS))
+    ok = d.channels is None or d.channels in CHANNELS
+    _require(ok, "data.channels", f"one of {valid} or null", d.channels)
+    in_chans = r.method.backbone.get("in_chans")
+    if d.channels is not None and in_chans is not None and d.channels != in_chans:
+        raise RecipeError(
+            f"data.channels={d.channels} differs from method.backbone.in_chans={in_chans}; set one of them "
+            "(data.channels: null follows the backbone, and method.backbone.in_chans follows data.channels)"
+        )
+    channels = r.channels
+    _require(channels in CHANNELS, "method.backbone.in_chans", f"one of {valid} (image channels)", channels)
+    for key in ("mean", "std"):
+        value = getattr(d, key)
+        if value is None or value == "auto":
+            continue
+        _require(
+            isinstance(value, list) and len(value) == channels,
+            f"data.{key}",
+            f"auto, null (ImageNet's) or one number per channel ({channels}: data.channels={channels})",
+            value,
+        )
+        if key == "std":
+            _require(all(v > 0 for v in value), "data.std", "positive numbers", value)
+    scale = d.crop_scale
+    _require(
+        len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1,
+        "data.crop_scale",
+        "two area fractions [low, high] with 0 < low <= high <= 1 (MAE: [0.2, 1.0])",
+        scale,
+    )

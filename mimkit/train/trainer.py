@@ -108,9 +108,11 @@ def pretrain(recipe: Recipe) -> RunResult:
         raise RecipeError("train.precision=fp16 needs GPUs (DeepSpeed on CPU runs fp32 or bf16)")
     run_dir = Path(recipe.run.dir)
     ckpt_dir = run_dir / CHECKPOINTS
+    recipe = resolve_auto_stats(recipe, verbose=dist.is_main)
     loader, sampler = _data(recipe, dist)
     if dist.is_main:
         _warn_if_oversubscribed(recipe.data.workers, dist.device)
+        _warn_if_greyscale_as_rgb(recipe)
     steps_per_epoch = sampler.steps_per_epoch
     total_steps = recipe.train.epochs * steps_per_epoch
     last_step = min(total_steps, recipe.train.max_steps or total_steps)
@@ -235,12 +237,60 @@ def pretrain(recipe: Recipe) -> RunResult:
     return result
 
 
-def _data(recipe: Recipe, dist: Dist):
-    """The training loader and its resumable sampler; a source smaller than one batch is an error."""
-    from mimkit.data import build_source, build_transform
+def resolve_auto_stats(recipe: Recipe, verbose: bool = False) -> Recipe:
+    """The recipe with ``data.mean`` / ``data.std: auto`` replaced by the source's measured values.
+
+    Every rank measures the same fixed sample (:func:`mimkit.data.stats.channel_stats`), so all
+    agree without communicating; the values land in the run's ``recipe.yaml`` and the encoder export.
+    """
+    d = recipe.data
+    if "auto" not in (d.mean, d.std):
+        return recipe
+    from mimkit.data.stats import STATS_IMAGES, channel_stats
+
+    measured = channel_stats(d.source, d.split, recipe.channels, STATS_IMAGES)
+    raw = recipe.to_dict()
+    for key in ("mean", "std"):
+        if getattr(d, key) == "auto":
+            raw["data"][key] = list(getattr(measured, key))
+    if verbose:
+        print(
+            f"[mimkit] data.mean/std: auto -> mean {raw['data']['mean']}, std {raw['data']['std']} "
+            f"(from {STATS_IMAGES} images of {d.source}, {recipe.channels} channel(s))",
+            file=sys.stderr,
+        )
+    return from_dict(raw, world_size=recipe.world_size)
+
+
+def train_transform(recipe: Recipe):
+    """The transform the trainer applies to every training sample of ``recipe``."""
+    from mimkit.data import build_transform
 
     d = recipe.data
-    dataset = build_source(d.source, d.split, build_transform(d.transform, recipe.img_size))
+    return build_transform(d.transform, recipe.img_size, recipe.normalization, d.crop_scale)
+
+
+def _warn_if_greyscale_as_rgb(recipe: Recipe) -> None:
+    """A greyscale folder read as three replicated channels trains a worse encoder: say so, name the key."""
+    if recipe.channels != 3 or not recipe.data.source.startswith("folder:"):
+        return
+    from mimkit.data.stats import GREY_CHECK_IMAGES, looks_greyscale
+
+    if looks_greyscale(recipe.data.source, recipe.data.split, GREY_CHECK_IMAGES):
+        print(
+            f"[mimkit] every one of {GREY_CHECK_IMAGES} sampled images of {recipe.data.source} is greyscale, "
+            "but data.channels is 3 (three replicated channels, an easier task and a worse encoder); "
+            "set data.channels=1, and data.mean=auto data.std=auto for the data's own statistics",
+            file=sys.stderr,
+        )
+
+
+def _data(recipe: Recipe, dist: Dist):
+    """The training loader and its resumable sampler; a source smaller than one batch is an error."""
+    from mimkit.data import build_source
+
+    d = recipe.data
+    dataset = build_source(d.source, d.split, train_transform(recipe))
     if len(dataset) < recipe.batch.global_size:
         raise RecipeError(
             f"data.source {d.source!r} ({d.split}) holds {len(dataset)} images, fewer than one global "
@@ -444,6 +494,7 @@ def _export(engine, recipe: Recipe, ckpt_dir: Path, tag: str, run_dir: Path, ran
     save_file(state, str(tmp), metadata={"format": "mimkit-method-v1", "method": recipe.method.name})
     os.replace(tmp, run_dir / MODEL_FILE)
     provenance = {"method": recipe.method.name, "steps": step, "data": recipe.data.source}
+    method.encoder.normalization = recipe.normalization.to_dict()
     save_backbone(method.encoder, run_dir, extra={"pretrained": provenance})
 
 
