@@ -103,3 +103,78 @@ def test_data_loader_over_folder_images_of_mixed_sizes(tmp_path):
     batch = next(iter(DataLoader(ds, batch_size=3)))
     assert sorted(batch) == ["image", "label"]
     assert batch["image"].shape == (3, 3, 16, 16) and batch["label"].tolist() == [0, 1, 2]
+
+
+# ---------------------------------------------------------------- channels and normalisation
+
+
+def test_grey_replicated_to_rgb_and_back_is_exact():
+    from torchvision import tv_tensors
+
+    from mimkit.data import ToChannels
+
+    grey = torch.arange(256, dtype=torch.uint8).view(1, 16, 16)
+    rgb = ToChannels(3)(tv_tensors.Image(grey))
+    assert rgb.shape == (3, 16, 16) and all(torch.equal(rgb[c], grey[0]) for c in range(3))
+    back = ToChannels(1)(rgb)
+    assert back.shape == (1, 16, 16) and torch.equal(back.as_subclass(torch.Tensor), grey)
+
+
+def test_colour_to_grey_uses_rounded_luma_and_leaves_masks_alone():
+    from torchvision import tv_tensors
+
+    from mimkit.data import ToChannels
+    from mimkit.data.sample import Mask
+
+    image = torch.tensor([200, 100, 50], dtype=torch.uint8).view(3, 1, 1).expand(3, 2, 2).clone()
+    mask = Mask(torch.ones(2, 2, dtype=torch.uint8))
+    out = ToChannels(1)({"image": tv_tensors.Image(image), "mask": mask})
+    luma = round(0.299 * 200 + 0.587 * 100 + 0.114 * 50)
+    assert out["image"].shape == (1, 2, 2) and int(out["image"][0, 0, 0]) == luma
+    assert out["mask"].shape == (2, 2) and torch.equal(out["mask"], mask)
+
+
+@pytest.mark.parametrize("kind", ["pretrain", "eval", "none"])
+def test_one_channel_transforms_normalise_with_the_given_statistics(kind):
+    from mimkit.data import Normalization
+
+    norm = Normalization((0.3,), (0.1,))
+    image = torch.full((3, 40, 50), 102, dtype=torch.uint8)  # grey stored as RGB
+    out = make_sample(image, transform=build_transform(kind, 24, norm))["image"]
+    assert out.shape[0] == 1
+    expected = 102 / 255 if kind == "none" else (102 / 255 - 0.3) / 0.1
+    torch.testing.assert_close(out, torch.full_like(out, expected), atol=1e-5, rtol=0)
+
+
+def test_crop_scale_bounds_the_crop_area():
+    # A crop of the full area at scale (1, 1) keeps a left/right split image's two halves.
+    image = torch.zeros(3, 32, 32, dtype=torch.uint8)
+    image[:, :, 16:] = 255
+    out = make_sample(image, transform=pretrain_transform(32, crop_scale=(1.0, 1.0)))["image"]
+    halves = denormalize(out).mean(dim=(0, 1))
+    assert {round(float(halves[0])), round(float(halves[-1]))} == {0, 1}
+
+
+def test_normalization_validates_and_defaults_by_channels():
+    from mimkit.data import Normalization
+    from mimkit.data.transforms import IMAGENET_GREY_MEAN
+
+    assert Normalization.imagenet(3).mean == IMAGENET_MEAN
+    assert Normalization.imagenet(1).mean == IMAGENET_GREY_MEAN and Normalization.imagenet(1).channels == 1
+    with pytest.raises(ValueError, match="differ in length"):
+        Normalization((0.5, 0.5, 0.5), (0.2,))
+    with pytest.raises(ValueError, match="must be positive"):
+        Normalization((0.5,), (0.0,))
+    with pytest.raises(ValueError, match="channels=2 .*1 .*or 3"):
+        Normalization((0.5, 0.5), (0.2, 0.2))
+    norm = Normalization((0.1,), (0.2,))
+    assert Normalization.from_dict(norm.to_dict()) == norm
+    assert Normalization.from_dict(None, channels=1) == Normalization.imagenet(1)
+
+
+def test_denormalize_inverts_a_one_channel_normalisation():
+    from mimkit.data import Normalization
+
+    norm = Normalization((0.4,), (0.2,))
+    images = torch.rand(2, 1, 8, 8)
+    torch.testing.assert_close(denormalize(v2.Normalize(norm.mean, norm.std)(images), norm), images)

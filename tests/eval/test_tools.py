@@ -122,3 +122,20 @@ def test_a_source_without_labels_is_a_clear_error(tool, encoder, monkeypatch, ca
 def test_options_of_the_other_preset_are_rejected(encoder, capsys):
     err = _error("linear_probe", ["--encoder", str(encoder), "--train", DATA, "--epoch-length", "5"], capsys)
     assert "--epoch-length do not apply to --preset mae" in err
+
+
+def test_normalisation_override_is_used_printed_and_checked(encoder, tmp_path, capsys):
+    knn = _tool("knn")
+    out = tmp_path / "knn.json"
+    override = ["--mean", "0.5", "0.5", "0.5", "--std", "0.25", "0.25", "0.25"]
+    knn.main(["--encoder", str(encoder), "--train", DATA, "--ks", "5", "--shots", "1", "--tries", "1",
+              "--workers", "0", "--no-progress", *override, "--json", str(out)])  # fmt: skip
+    assert "replaces the encoder's" in capsys.readouterr().out
+    recorded = json.loads(out.read_text())["encoder"]["normalization"]
+    assert recorded == {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
+    with pytest.raises(SystemExit):
+        knn.main(["--encoder", str(encoder), "--train", DATA, "--mean", "0.5"])
+    assert "--mean and --std go together" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        knn.main(["--encoder", str(encoder), "--train", DATA, "--mean", "0.5", "--std", "0.2"])
+    assert "1 channel(s) but the encoder reads 3" in capsys.readouterr().err

@@ -170,3 +170,50 @@ def test_tool_reports_recipe_errors_before_training(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "recipe error" in err and "optim.weight_decy" in err and "optim.weight_decay" in err
     assert not run_dir.exists()
+
+
+# ---------------------------------------------------------------- image format
+
+
+def test_data_channels_set_the_backbone_and_a_mismatch_is_named():
+    r = load_recipe(DEMO, ["data.channels=1"], check_data=False)
+    assert r.channels == 1 and r.method.backbone["in_chans"] == 1
+    assert r.normalization.channels == 1  # ImageNet's grey statistics by default
+    r = load_recipe(DEMO, ["method.backbone.in_chans=1"], check_data=False)
+    assert r.channels == 1
+    with pytest.raises(RecipeError, match=r"data.channels=3 differs from method.backbone.in_chans=1"):
+        load_recipe(DEMO, ["data.channels=3", "method.backbone.in_chans=1"], check_data=False)
+    with pytest.raises(RecipeError, match=r"data.channels must be one of 1, 3 or null, got 2"):
+        load_recipe(DEMO, ["data.channels=2"], check_data=False)
+
+
+def test_mismatched_channels_fail_before_any_model_is_built(monkeypatch):
+    import mimkit.models.backbone as backbone
+
+    monkeypatch.setattr(backbone, "create_backbone", lambda *a, **k: pytest.fail("built a model"))
+    with pytest.raises(RecipeError, match="in_chans=3"):
+        load_recipe(DEMO, ["data.channels=1", "method.backbone.in_chans=3"], check_data=False)
+
+
+def test_data_mean_std_lists_auto_and_errors():
+    r = load_recipe(DEMO, ["data.channels=1", "data.mean=[0.3]", "data.std=[0.2]"], check_data=False)
+    assert r.normalization.mean == (0.3,) and r.normalization.std == (0.2,)
+    r = load_recipe(DEMO, ["data.mean=auto", "data.std=auto"], check_data=False)
+    assert r.data.mean == "auto"
+    with pytest.raises(RecipeError, match="not resolved yet"):
+        _ = r.normalization
+    with pytest.raises(RecipeError, match=r"data.mean must be auto, null .*one number per channel \(3"):
+        load_recipe(DEMO, ["data.mean=[0.5]"], check_data=False)
+    with pytest.raises(RecipeError, match=r"data.std must be auto, null"):
+        load_recipe(DEMO, ["data.std=automatic"], check_data=False)
+    with pytest.raises(RecipeError, match=r"data.std must be positive numbers"):
+        load_recipe(DEMO, ["data.std=[0.2, 0, 0.2]"], check_data=False)
+
+
+def test_crop_scale_is_checked_and_cae_uses_its_own():
+    assert load_recipe(DEMO, check_data=False).data.crop_scale == [0.2, 1.0]
+    cae = load_recipe(REPO / "recipes" / "cae" / "vit_base_patch16_in1k.yaml", check_data=False)
+    assert cae.data.crop_scale == [0.08, 1.0]
+    for bad in ("[0.5, 0.2]", "[0, 1]", "[0.2]", "[0.2, 1.5]"):
+        with pytest.raises(RecipeError, match="data.crop_scale must be two area fractions"):
+            load_recipe(DEMO, [f"data.crop_scale={bad}"], check_data=False)
