@@ -21,22 +21,17 @@ from torch.utils.data import Dataset
 from mimkit.data.folder import ImageFolderSource
 from mimkit.data.sample import Transform, check_split
 from mimkit.data.synthetic import SYNTHETIC_SETS
+from mimkit.registry import Registry
 
 SchemeBuilder = Callable[[str, str, Transform | None], Dataset]
 
-SOURCE_SCHEMES: dict[str, SchemeBuilder] = {}
+SCHEMES: Registry[Dataset] = Registry("source scheme")
+SOURCE_SCHEMES: dict[str, SchemeBuilder] = SCHEMES.entries  # name -> builder
 
 
 def register_scheme(name: str) -> Callable[[SchemeBuilder], SchemeBuilder]:
     """Decorator registering a builder ``(spec, split, transform) -> Dataset`` for ``name:spec`` URIs."""
-
-    def register(builder: SchemeBuilder) -> SchemeBuilder:
-        if name in SOURCE_SCHEMES:
-            raise ValueError(f"source scheme {name!r} is already registered")
-        SOURCE_SCHEMES[name] = builder
-        return builder
-
-    return register
+    return SCHEMES.register(name)
 
 
 def build_source(uri: str, split: str = "train", transform: Transform | None = None) -> Dataset:

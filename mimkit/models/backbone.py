@@ -7,12 +7,13 @@ exported encoder loads into ``timm.create_model(<timm name>, num_classes=0)`` un
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -21,26 +22,21 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from mimkit.models.pos_embed import sincos_2d
+from mimkit.registry import Registry
 
 ENCODER_WEIGHTS = "encoder.safetensors"
 ENCODER_CONFIG = "encoder.json"
 POS_EMBED_TYPES = ("sincos", "learn")
 
-# Keyword arguments a caller may override on top of a preset. Architecture dimensions are
-# overridable so tests can build tiny models; the export records every one of them.
-OVERRIDABLE = (
-    "img_size",
-    "patch_size",
-    "in_chans",
-    "pos_embed",
-    "embed_dim",
-    "depth",
-    "num_heads",
-    "mlp_ratio",
-    "qkv_bias",
-    "init_values",
-    "drop_path_rate",
-)
+
+class _Preset:
+    """The default of every backbone override: the registered preset's value."""
+
+    def __repr__(self) -> str:
+        return "<preset>"
+
+
+PRESET: Any = _Preset()
 
 
 class Backbone(VisionTransformer):
@@ -82,6 +78,7 @@ class Backbone(VisionTransformer):
             "mlp_ratio": self.blocks[0].mlp.fc1.out_features / self.embed_dim,
             "qkv_bias": self.blocks[0].attn.qkv.bias is not None,
             "init_values": vit_kwargs.get("init_values"),
+            "drop_path_rate": float(vit_kwargs.get("drop_path_rate", 0.0)),
         }
 
     @property
@@ -122,34 +119,49 @@ class Backbone(VisionTransformer):
         return self.norm(x)
 
 
-# Registry: a decorator, a dict and a list function.
-_REGISTRY: dict[str, Callable[..., Backbone]] = {}
+def backbone_options(
+    img_size: int | list[int] = PRESET,
+    patch_size: int = PRESET,
+    in_chans: int = PRESET,
+    pos_embed: Literal["sincos", "learn"] = PRESET,
+    embed_dim: int = PRESET,
+    depth: int = PRESET,
+    num_heads: int = PRESET,
+    mlp_ratio: float = PRESET,
+    qkv_bias: bool = PRESET,
+    init_values: float | None = PRESET,
+    drop_path_rate: float = PRESET,
+) -> None:
+    """The overrides every registered backbone takes; a default of ``PRESET`` keeps the preset's value."""
+
+
+# Keyword arguments a caller may override on top of a preset. Architecture dimensions are
+# overridable so tests can build tiny models; the export records every one of them.
+OVERRIDABLE = tuple(inspect.signature(backbone_options).parameters)
+
+BACKBONES: Registry[Backbone] = Registry("backbone", key="name")
 
 
 def register_backbone(fn: Callable[..., Backbone]) -> Callable[..., Backbone]:
-    """Register a backbone factory under its function name."""
-    _REGISTRY[fn.__name__] = fn
-    return fn
+    """Register a backbone factory ``fn(**overrides) -> Backbone`` under its function name."""
+    return BACKBONES.register(options=backbone_options)(fn)
 
 
 def list_backbones() -> list[str]:
     """Names of the registered backbones."""
-    return sorted(_REGISTRY)
+    return BACKBONES.names()
 
 
 def create_backbone(name: str, **overrides: Any) -> Backbone:
     """Build a registered backbone; ``overrides`` replace the preset's keyword defaults."""
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown backbone {name!r}; valid: {', '.join(list_backbones())}")
-    unknown = sorted(set(overrides) - set(OVERRIDABLE) - {"name", "timm_name"})
-    if unknown:
-        raise ValueError(
-            f"unknown backbone override(s) {', '.join(unknown)} for {name!r}; valid: {', '.join(OVERRIDABLE)}"
-        )
-    overrides = {k: v for k, v in overrides.items() if k not in ("name", "timm_name")}
-    if isinstance(overrides.get("img_size"), list):
-        overrides["img_size"] = tuple(overrides["img_size"])
-    return _REGISTRY[name](**overrides)
+    overrides = {k: v for k, v in overrides.items() if k != "timm_name"}
+    if isinstance(overrides.get("img_size"), tuple):
+        overrides["img_size"] = list(overrides["img_size"])
+    typed = BACKBONES.validate({"name": name, **overrides})
+    name = typed.pop("name")
+    if isinstance(typed.get("img_size"), list):
+        typed["img_size"] = tuple(typed["img_size"])
+    return BACKBONES.get(name)(**typed)
 
 
 def _build(name: str, timm_name: str, preset: dict[str, Any], overrides: dict[str, Any]) -> Backbone:

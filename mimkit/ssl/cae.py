@@ -240,10 +240,6 @@ def _check(ok: bool, name: str, allowed: str, value: Any) -> None:
         raise ValueError(f"CAE option {name} must be {allowed}, got {value!r}")
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 @register_method("cae")
 class CAE(nn.Module):
     """Context autoencoder on a registry backbone.
@@ -294,36 +290,21 @@ class CAE(nn.Module):
         dim = encoder.embed_dim if decoder_dim is None else decoder_dim
         heads = encoder.blocks[0].attn.num_heads if decoder_heads is None else decoder_heads
         drop_path = _encoder_drop_path(encoder) if decoder_drop_path_rate is None else decoder_drop_path_rate
+        _check(regressor_depth >= 1, "regressor_depth", "at least 1", regressor_depth)
+        _check(decoder_depth >= 0, "decoder_depth", "at least 0", decoder_depth)
+        _check(heads >= 1, "decoder_heads", "positive or null", decoder_heads)
         _check(
-            _is_int(regressor_depth) and regressor_depth >= 1,
-            "regressor_depth",
-            "an integer >= 1",
-            regressor_depth,
-        )
-        _check(
-            _is_int(decoder_depth) and decoder_depth >= 0, "decoder_depth", "an integer >= 0", decoder_depth
-        )
-        _check(_is_int(heads) and heads >= 1, "decoder_heads", "a positive integer or null", decoder_heads)
-        _check(
-            _is_int(dim) and dim > 0 and dim % 4 == 0 and dim % heads == 0,
+            dim > 0 and dim % 4 == 0 and dim % heads == 0,
             "decoder_dim",
             f"a positive multiple of 4 and of the {heads} heads, or null",
             decoder_dim,
         )
-        _check(decoder_mlp_ratio > 0, "decoder_mlp_ratio", "a positive number", decoder_mlp_ratio)
+        _check(decoder_mlp_ratio > 0, "decoder_mlp_ratio", "positive", decoder_mlp_ratio)
         _check(
-            decoder_init_values >= 0,
-            "decoder_init_values",
-            "a number >= 0 (0: no layer scale)",
-            decoder_init_values,
+            decoder_init_values >= 0, "decoder_init_values", ">= 0 (0: no layer scale)", decoder_init_values
         )
         _check(0 <= drop_path < 1, "decoder_drop_path_rate", "in [0, 1) or null", decoder_drop_path_rate)
-        _check(
-            isinstance(align_loss_weight, (int, float)) and align_loss_weight >= 0,
-            "align_loss_weight",
-            "a number >= 0",
-            align_loss_weight,
-        )
+        _check(align_loss_weight >= 0, "align_loss_weight", ">= 0", align_loss_weight)
 
         self.encoder = encoder
         self.mask_generator = mask_generator

@@ -19,7 +19,6 @@ returns ``{"loss_rec": scalar, ...}``, extra scalars are logged). A new kind sub
 from __future__ import annotations
 
 import importlib
-import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mimkit.registry import Registry
 from mimkit.ssl.targets import pixel_targets
 
 
@@ -44,40 +44,25 @@ class ReconstructionTarget(nn.Module):
         raise NotImplementedError
 
 
-_REGISTRY: dict[str, type[ReconstructionTarget]] = {}
+TARGETS: Registry[ReconstructionTarget] = Registry(
+    "target type", key="type", injected=("patch_size", "in_chans")
+)
 
 
 def register_target(name: str) -> Callable[[type[ReconstructionTarget]], type[ReconstructionTarget]]:
     """Class decorator registering a reconstruction target under ``name``."""
-
-    def wrap(cls: type[ReconstructionTarget]) -> type[ReconstructionTarget]:
-        _REGISTRY[name] = cls
-        return cls
-
-    return wrap
+    return TARGETS.register(name)
 
 
 def list_targets() -> list[str]:
     """Registered target types."""
-    return sorted(_REGISTRY)
+    return TARGETS.names()
 
 
 def build_target(cfg: str | dict[str, Any], patch_size: int, in_chans: int) -> ReconstructionTarget:
     """Build a target from a type name or a mapping such as ``{"type": "pixels", "norm_pix": True}``."""
     cfg = {"type": cfg} if isinstance(cfg, str) else dict(cfg)
-    kind = cfg.pop("type", None)
-    if kind not in _REGISTRY:
-        raise ValueError(f"unknown target type {kind!r}; valid: {', '.join(list_targets())}")
-    cls = _REGISTRY[kind]
-    valid = [
-        k for k in inspect.signature(cls.__init__).parameters if k not in ("self", "patch_size", "in_chans")
-    ]
-    unknown = sorted(set(cfg) - set(valid))
-    if unknown:
-        raise ValueError(
-            f"unknown option(s) {', '.join(unknown)} for target {kind!r}; valid: {', '.join(valid)}"
-        )
-    return cls(patch_size=patch_size, in_chans=in_chans, **cfg)
+    return TARGETS.build(cfg, "target.", patch_size=patch_size, in_chans=in_chans)
 
 
 @register_target("pixels")

@@ -63,6 +63,7 @@ by the trainer), plus ``pred`` / ``patch_mask`` (branch 1, what the visualisatio
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -137,6 +138,7 @@ AGREEMENTS: dict[str, Callable[..., torch.Tensor]] = {
     "all_pairs": all_pairs_agreement,
     "infonce": infonce_agreement,
 }
+AGREEMENT_NAMES = tuple(AGREEMENTS)
 
 
 @register_method("cmae")
@@ -166,7 +168,7 @@ class ContrastiveMAE(nn.Module):
         decoder_heads: int = 16,
         decoder_mlp_ratio: float = 4.0,
         norm_pix_loss: bool = True,
-        agreement: str = "diagonal",
+        agreement: Literal[AGREEMENT_NAMES] = "diagonal",
         agreement_weight: float = 1.0,
         temperature: float = 0.1,
     ):

@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from mimkit.registry import Registry
+
 
 def num_masked(num_patches: int, ratio: float) -> int:
     """Masked count for a ratio; MAE keeps ``int(L * (1 - ratio))`` patches visible."""
@@ -34,7 +36,7 @@ def check_ratio(ratio: float) -> float:
 class MaskGenerator:
     """Base class: subclasses implement :meth:`sample`."""
 
-    def __init__(self, ratio: float):
+    def __init__(self, ratio: float = 0.75):  # MAE's ratio
         self.ratio = check_ratio(ratio)
 
     def __call__(
@@ -61,34 +63,22 @@ class MaskGenerator:
         return f"{type(self).__name__}(ratio={self.ratio})"
 
 
-_REGISTRY: dict[str, type[MaskGenerator]] = {}
+MASKS: Registry[MaskGenerator] = Registry("mask type", key="type")
 
 
 def register_mask(name: str) -> Callable[[type[MaskGenerator]], type[MaskGenerator]]:
-    """Class decorator registering a mask generator under ``name``."""
-
-    def wrap(cls: type[MaskGenerator]) -> type[MaskGenerator]:
-        _REGISTRY[name] = cls
-        return cls
-
-    return wrap
+    """Class decorator registering a mask generator under ``name``; its options are its constructor's."""
+    return MASKS.register(name)
 
 
 def list_masks() -> list[str]:
     """Registered mask types."""
-    return sorted(_REGISTRY)
+    return MASKS.names()
 
 
 def build(cfg: dict[str, Any]) -> MaskGenerator:
     """Build a generator from a recipe entry such as ``{"type": "block", "ratio": 0.5}``."""
-    cfg = dict(cfg)
-    kind = cfg.pop("type", None)
-    if kind not in _REGISTRY:
-        raise ValueError(f"unknown mask type {kind!r}; valid: {', '.join(list_masks())}")
-    try:
-        return _REGISTRY[kind](**cfg)
-    except TypeError as err:
-        raise ValueError(f"bad options {sorted(cfg)} for mask type {kind!r}: {err}") from None
+    return MASKS.build(cfg)
 
 
 @register_mask("random")

@@ -74,7 +74,7 @@ training mode with homologous attention, ``homo_precision``; ``pred`` (B, L, p*p
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -298,10 +298,10 @@ class MixedAE(nn.Module):
         encoder: Backbone,
         mask_generator: MaskGenerator,
         mix_ratio: float = 0.25,
-        mixing: str = "homologous",
-        homologous_blocks: str | Sequence[int] = "all",
+        mixing: Literal[MIXING] = "homologous",
+        homologous_blocks: Literal["all"] | list[int] = "all",
         topk: int | None = None,
-        segment_embed: str = "decoder",
+        segment_embed: Literal[SEGMENT_PLACES] = "decoder",
         contrast_weight: float = 1.0,
         contrast_temperature: float = 0.1,
         contrast_proj_dim: int | None = None,
@@ -332,18 +332,16 @@ class MixedAE(nn.Module):
             raise ValueError(f"unknown segment_embed {segment_embed!r}; valid: {', '.join(SEGMENT_PLACES)}")
         if homologous_blocks == "all":
             blocks = list(range(depth))
-        elif isinstance(homologous_blocks, str) or not all(
-            isinstance(i, int) and -depth <= i < depth for i in homologous_blocks
-        ):
+        elif not all(-depth <= i < depth for i in homologous_blocks):
             raise ValueError(
-                f"homologous_blocks must be 'all' or a list of block indices in [0, {depth}), "
+                f"homologous_blocks must be 'all' or a list of block indices in [-{depth}, {depth}), "
                 f"got {homologous_blocks!r}"
             )
         else:
             blocks = sorted({i % depth for i in homologous_blocks})
         self.topk = n // self.group_size if topk is None else topk
-        if not isinstance(self.topk, int) or not 1 <= self.topk <= n:
-            raise ValueError(f"topk must be an integer in [1, {n}] (the patch count), got {topk!r}")
+        if not 1 <= self.topk <= n:
+            raise ValueError(f"topk must be in [1, {n}] (the patch count), got {topk!r}")
         if not contrast_weight >= 0:
             raise ValueError(f"contrast_weight must be >= 0, got {contrast_weight!r}")
         if not contrast_temperature > 0:
@@ -352,12 +350,8 @@ class MixedAE(nn.Module):
             raise ValueError(
                 f"contrast_layer must be a block index in [-{depth}, {depth}), got {contrast_layer}"
             )
-        if contrast_proj_dim is not None and not (
-            isinstance(contrast_proj_dim, int) and contrast_proj_dim > 0
-        ):
-            raise ValueError(
-                f"contrast_proj_dim must be a positive integer or null, got {contrast_proj_dim!r}"
-            )
+        if contrast_proj_dim is not None and contrast_proj_dim < 1:
+            raise ValueError(f"contrast_proj_dim must be positive or null, got {contrast_proj_dim!r}")
 
         self.encoder = encoder
         self.mask_generator = PartitionMasks(self.group_size)  # the recipe's was checked above

@@ -1,49 +1,70 @@
-"""Method registry: ``build_method(cfg)`` turns a recipe's ``method`` section into a module."""
+"""Method registry: ``build_method(cfg)`` turns a recipe's ``method`` section into a module.
+
+A method section is ``{"name": ..., "backbone": {...}, "mask": {...}, **options}``: the backbone
+and the mask are entries of their own registries, the options are the method constructor's
+keyword parameters, typed by their annotations (:mod:`mimkit.registry`).
+"""
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from typing import Any
 
 from torch import nn
 
 from mimkit.models import create_backbone
+from mimkit.models.backbone import BACKBONES
+from mimkit.registry import Option, OptionError, Registry
 from mimkit.ssl import masking
 
-_REGISTRY: dict[str, type[nn.Module]] = {}
-_BUILT_BY_REGISTRY = ("encoder", "mask_generator")
+METHODS: Registry[nn.Module] = Registry("method", key="name", injected=("encoder", "mask_generator"))
+SECTION_KEYS = ("name", "backbone", "mask")
 
 
 def register_method(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
     """Class decorator registering a pretraining method under ``name``."""
-
-    def wrap(cls: type[nn.Module]) -> type[nn.Module]:
-        _REGISTRY[name] = cls
-        return cls
-
-    return wrap
+    return METHODS.register(name)
 
 
 def list_methods() -> list[str]:
     """Registered method names."""
-    return sorted(_REGISTRY)
+    return METHODS.names()
 
 
 def method_class(name: str) -> type[nn.Module]:
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown method {name!r}; valid: {', '.join(list_methods())}")
-    return _REGISTRY[name]
+    return METHODS.get(name)
 
 
 def method_options(name: str) -> dict[str, Any]:
     """The keyword options of a method (besides backbone and mask) and their defaults."""
-    params = inspect.signature(method_class(name).__init__).parameters
-    return {
-        k: p.default
-        for k, p in params.items()
-        if k != "self" and k not in _BUILT_BY_REGISTRY and p.kind is p.POSITIONAL_OR_KEYWORD
-    }
+    return METHODS.defaults(name)
+
+
+def method_option_types(name: str) -> dict[str, Option]:
+    """The keyword options of a method with their annotations (:class:`mimkit.registry.Option`)."""
+    return METHODS.options(name)
+
+
+def validate_method(cfg: dict[str, Any], where: str = "method.") -> dict[str, Any]:
+    """A ``method`` mapping checked and typed (name, backbone, mask and options) without building.
+
+    Raises :class:`~mimkit.registry.OptionError` naming the key (``method.backbone.depth``).
+    """
+    cfg = dict(cfg)
+    name = cfg.get("name", "mae")
+    backbone = cfg.pop("backbone", None)
+    mask = cfg.pop("mask", None)
+    typed = METHODS.validate({**cfg, "name": name}, where)
+    if not isinstance(backbone, dict) or "name" not in backbone:
+        raise OptionError(f"{where}backbone must be a mapping with a 'name'; got {backbone!r}")
+    typed["backbone"] = BACKBONES.validate(backbone, f"{where}backbone.")
+    if mask is not None:
+        if not isinstance(mask, dict):
+            raise OptionError(
+                f"{where}mask must be a mapping like {{type: random, ratio: 0.75}}, got {mask!r}"
+            )
+        typed["mask"] = masking.MASKS.validate(mask, f"{where}mask.")
+    return typed
 
 
 def build_method(cfg: dict[str, Any]) -> nn.Module:
@@ -53,18 +74,10 @@ def build_method(cfg: dict[str, Any]) -> nn.Module:
     "mask": {"type": "random", "ratio": 0.75}, "decoder_depth": 4}``; ``mask`` falls back to
     the method's default and every other key must be one of the method's options.
     """
-    cfg = dict(cfg)
-    name = cfg.pop("name", None)
-    cls = method_class(name)
-    backbone_cfg = dict(cfg.pop("backbone", {}))
-    if "name" not in backbone_cfg:
-        raise ValueError("method.backbone needs a 'name' (one of the registered backbones)")
-    mask_cfg = cfg.pop("mask", None) or getattr(cls, "default_mask", None)
-    options = method_options(name)
-    unknown = sorted(set(cfg) - set(options))
-    if unknown:
-        raise ValueError(
-            f"unknown option(s) {', '.join(unknown)} for method {name!r}; valid: {', '.join(options)}"
-        )
-    encoder = create_backbone(**backbone_cfg)
-    return cls(encoder=encoder, mask_generator=masking.build(mask_cfg), **cfg)
+    if "name" not in cfg:
+        raise OptionError(f"a method mapping needs a 'name'; valid: {', '.join(list_methods())}")
+    typed = validate_method(cfg, "")
+    backbone, mask = typed.pop("backbone"), typed.pop("mask", None)
+    cls = METHODS.get(typed["name"])
+    mask_generator = masking.build(mask or cls.default_mask)
+    return METHODS.build(typed, encoder=create_backbone(**backbone), mask_generator=mask_generator)

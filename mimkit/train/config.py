@@ -1,7 +1,9 @@
 """Recipes: the typed schema of a pretraining run, YAML loading with overlays, and overrides.
 
-A recipe is a YAML file with the sections of :class:`Recipe`. It may start with
-``defaults: PATH`` (or a list of paths, relative to the file) naming base recipes that it
+A recipe is a YAML file with the sections of :class:`Recipe`, read over the base recipe
+(``mimkit/train/base.yaml``: every key of every section but ``method``, the one source of
+defaults; a method's options default to its constructor's). It may start with
+``defaults: PATH`` (or a list of paths, relative to the file) naming recipes that it
 overlays: mappings merge key by key, anything else replaces. Command-line overrides
 ``section.key=value`` (``method.backbone.img_size=64``) are applied last, their values
 parsed as YAML scalars. :func:`load_recipe` checks every key, type and value and raises a
@@ -15,17 +17,16 @@ accumulation (``batch.global_size / (batch.micro_size * world_size)``).
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import re
-import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from mimkit.data.transforms import CHANNELS, DEFAULT_CROP_SCALE, Normalization
+from mimkit.data.transforms import CHANNELS, Normalization
+from mimkit.registry import OptionError, check_type, did_you_mean
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 ZERO_STAGES = (0, 1, 2, 3)
@@ -64,6 +65,9 @@ def parse_yaml(text: str) -> Any:
 
 # ---------------------------------------------------------------------------------------------
 # The schema. Every field's annotation is checked on load; ``_check_values`` adds the value rules.
+# The fields have no defaults: the base recipe, loaded underneath every recipe, holds them all.
+
+BASE_RECIPE = Path(__file__).with_name("base.yaml")
 
 
 @dataclass
@@ -71,13 +75,15 @@ class MethodConfig:
     """``method``: what :func:`mimkit.ssl.build_method` receives.
 
     In YAML the method's own options (``decoder_dim``, ``norm_pix_loss`` ...) sit next to
-    ``name``, ``backbone`` and ``mask``; here they are gathered in ``options``.
+    ``name``, ``backbone`` and ``mask``; here they are gathered in ``options``. Their defaults
+    are the method class's; every other section's defaults are the base recipe's
+    (``BASE_RECIPE``), so no dataclass here holds a value of its own.
     """
 
-    name: str = "mae"
-    backbone: dict = field(default_factory=lambda: {"name": "vit_base_patch16"})
-    mask: dict | None = None
-    options: dict = field(default_factory=dict)
+    name: str
+    backbone: dict
+    mask: dict | None
+    options: dict
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "backbone": dict(self.backbone)}
@@ -90,71 +96,71 @@ class MethodConfig:
 class DataConfig:
     """``data``: where images come from and how they are loaded."""
 
-    source: str = "synthetic:shapes"
-    split: str = "train"
-    img_size: int | None = None
-    channels: int | None = None  # 1 or 3; None follows method.backbone.in_chans (3 unless set)
-    mean: list[float] | str | None = None  # per channel; "auto" measures the source; None: ImageNet's
-    std: list[float] | str | None = None
-    crop_scale: list[float] = field(default_factory=lambda: list(DEFAULT_CROP_SCALE))
-    transform: str = "pretrain"
-    workers: int = 8
-    max_bad_fraction: float = 0.01  # stop when skipped bad samples pass this share of those read
+    source: str
+    split: str
+    img_size: int | None
+    channels: int | None  # 1 or 3; None follows method.backbone.in_chans (3 unless set)
+    mean: list[float] | str | None  # per channel; "auto" measures the source; None: ImageNet's
+    std: list[float] | str | None
+    crop_scale: list[float]
+    transform: str
+    workers: int
+    max_bad_fraction: float  # stop when skipped bad samples pass this share of those read
 
 
 @dataclass
 class OptimConfig:
     """``optim``: AdamW, its parameter groups and the warm-up + cosine learning rate."""
 
-    base_lr: float = 1.5e-4
-    lr: float | None = None
-    min_lr: float = 0.0
-    warmup_epochs: float = 40.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
-    weight_decay: float = 0.05
-    no_decay: list[str] = field(default_factory=lambda: ["pos_embed", "_token"])
-    clip_grad: float | None = None
+    base_lr: float
+    lr: float | None
+    min_lr: float
+    warmup_epochs: float
+    betas: list[float]
+    eps: float
+    weight_decay: float
+    no_decay: list[str]
+    clip_grad: float | None
 
 
 @dataclass
 class BatchConfig:
     """``batch``: images per optimizer step (all ranks) and per forward pass on one rank."""
 
-    global_size: int = 4096
-    micro_size: int = 64
+    global_size: int
+    micro_size: int
 
 
 @dataclass
 class TrainConfig:
     """``train``: length, numerics and the DeepSpeed ZeRO stage."""
 
-    epochs: int = 800
-    max_steps: int | None = None
-    precision: str = "fp32"
-    zero_stage: int = 0
-    compile: bool = False
+    epochs: int
+    max_steps: int | None
+    precision: str
+    zero_stage: int
+    compile: bool
 
 
 @dataclass
 class RunConfig:
     """``run``: the run directory and its bookkeeping."""
 
-    dir: str | None = None
-    seed: int = 0
-    log_every: int = 20
-    checkpoint_every: int = 1000
-    keep_checkpoints: int = 2
-    progress: bool = True
+    dir: str | None
+    seed: int
+    log_every: int
+    checkpoint_every: int
+    keep_checkpoints: int
+    progress: bool
 
 
 @dataclass
 class DebugConfig:
     """``debug``: failure injection for the tests; all off by default."""
 
-    nan_at_step: int | None = None
-    kill_after_step: int | None = None
-    kill_in_save_at_step: int | None = None
+    nan_at_step: int | None
+    kill_after_step: int | None
+    kill_in_save_at_step: int | None
 
 
 SECTIONS: dict[str, type] = {
@@ -172,13 +178,13 @@ SECTIONS: dict[str, type] = {
 class Recipe:
     """A validated recipe. ``world_size`` is the number of ranks it was checked for."""
 
-    method: MethodConfig = field(default_factory=MethodConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    batch: BatchConfig = field(default_factory=BatchConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    run: RunConfig = field(default_factory=RunConfig)
-    debug: DebugConfig = field(default_factory=DebugConfig)
+    method: MethodConfig
+    data: DataConfig
+    optim: OptimConfig
+    batch: BatchConfig
+    train: TrainConfig
+    run: RunConfig
+    debug: DebugConfig
     world_size: int = 1
 
     @property
@@ -309,9 +315,15 @@ def apply_override(raw: dict, item: str) -> None:
     node[parts[-1]] = value
 
 
+def base_recipe() -> dict[str, Any]:
+    """The base recipe's plain data: every key of every section but ``method``."""
+    return read_yaml(BASE_RECIPE)
+
+
 def from_dict(raw: dict[str, Any], world_size: int = 1, check_data: bool = True) -> Recipe:
-    """Validate plain data (as read from YAML) into a :class:`Recipe`."""
+    """Validate plain data (as read from YAML, over the base recipe) into a :class:`Recipe`."""
     _no_unknown(raw, list(SECTIONS), "")
+    raw = deep_merge(base_recipe(), raw)
     sections: dict[str, Any] = {}
     for name, cls in SECTIONS.items():
         given = raw.get(name) or {}
@@ -333,103 +345,56 @@ def from_dict(raw: dict[str, Any], world_size: int = 1, check_data: bool = True)
 def _no_unknown(given: dict, valid: list[str], prefix: str) -> None:
     for key in given:
         if key not in valid:
-            name = f"{prefix}{key}"
-            close = difflib.get_close_matches(str(key), valid, n=1)
-            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
-            raise RecipeError(f"unknown key {name}{hint}; valid keys: {', '.join(prefix + v for v in valid)}")
+            hint = did_you_mean(str(key), valid, prefix)
+            raise RecipeError(
+                f"unknown key {prefix}{key}{hint}; valid keys: {', '.join(prefix + v for v in valid)}"
+            )
 
 
 def _section(name: str, cls: type, given: dict) -> Any:
     hints = typing.get_type_hints(cls)
     valid = [f.name for f in dataclasses.fields(cls)]
     _no_unknown(given, valid, f"{name}.")
-    values = {key: _typed(f"{name}.{key}", value, hints[key]) for key, value in given.items()}
+    try:
+        values = {key: check_type(f"{name}.{key}", value, hints[key]) for key, value in given.items()}
+    except OptionError as err:
+        raise RecipeError(str(err)) from None
     return cls(**values)
 
 
-def _typed(key: str, value: Any, hint: Any) -> Any:
-    """``value`` checked against the annotation ``hint``; an int is accepted (and widened) as a float."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        options = [a for a in args if a is not type(None)]
-        errors = []
-        for option in options:
-            try:
-                return _typed(key, value, option)
-            except RecipeError as err:
-                errors.append(err)
-        raise errors[0]
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise RecipeError(f"{key} must be a list, got {value!r}")
-        return [_typed(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint is dict and isinstance(value, dict):
-        return dict(value)
-    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
-        raise RecipeError(f"{key} must be {_type_name(hint)}, got {value!r}")
-    return value
-
-
-def _type_name(hint: Any) -> str:
-    return {
-        int: "an integer",
-        float: "a number",
-        str: "a string",
-        bool: "true or false",
-        dict: "a mapping",
-    }.get(hint, getattr(hint, "__name__", str(hint)))
-
-
 def _method(given: dict) -> MethodConfig:
-    """The ``method`` section, checked against the method registry without building anything."""
-    from mimkit.models import list_backbones
-    from mimkit.models.backbone import OVERRIDABLE
-    from mimkit.ssl import list_methods, masking, method_options
+    """The ``method`` section, checked against the method, backbone and mask registries.
 
-    name = given.get("name", "mae")
-    if name not in list_methods():
+    Types come from the registered constructors' annotations; the mask is also built (cheap, and
+    its value rules, such as a ratio in (0, 1), live in its constructor). Nothing else is built.
+    """
+    from mimkit.ssl import masking
+    from mimkit.ssl.registry import SECTION_KEYS, validate_method
+
+    if "name" not in given or "backbone" not in given:
+        from mimkit.models import list_backbones
+        from mimkit.ssl import list_methods
+
         raise RecipeError(
-            f"method.name {name!r} is not a registered method; valid: {', '.join(list_methods())}"
+            "method needs a name and a backbone, e.g. "
+            "method: {name: mae, backbone: {name: vit_base_patch16}}; "
+            f"methods: {', '.join(list_methods())}; backbones: {', '.join(list_backbones())}"
         )
-    defaults = method_options(name)
-    _no_unknown(given, ["name", "backbone", "mask", *defaults], "method.")
-
-    options = {}
-    for key, value in given.items():
-        if key in ("name", "backbone", "mask"):
-            continue
-        hint = type(defaults[key])
-        options[key] = _typed(f"method.{key}", value, hint) if hint in (int, float, bool, str) else value
-
-    backbone = given.get("backbone", MethodConfig().backbone) or {}
-    if not isinstance(backbone, dict) or "name" not in backbone:
-        raise RecipeError(f"method.backbone must be a mapping with a 'name'; got {backbone!r}")
-    if backbone["name"] not in list_backbones():
-        raise RecipeError(
-            f"method.backbone.name {backbone['name']!r} is not a registered backbone; "
-            f"valid: {', '.join(list_backbones())}"
-        )
-    _no_unknown(backbone, ["name", *OVERRIDABLE], "method.backbone.")
+    try:
+        typed = validate_method(given)
+        if typed.get("mask") is not None:
+            masking.build(typed["mask"])
+    except OptionError as err:
+        raise RecipeError(str(err)) from None
+    except ValueError as err:
+        raise RecipeError(f"method.mask: {err}") from None
+    backbone = typed["backbone"]
     for key in ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "in_chans"):
         value = backbone.get(key, 1)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        if isinstance(value, int) and value < 1:
             raise RecipeError(f"method.backbone.{key} must be a positive integer, got {value!r}")
-
-    mask = given.get("mask")
-    if mask is not None:
-        if not isinstance(mask, dict):
-            raise RecipeError(
-                f"method.mask must be a mapping like {{type: random, ratio: 0.75}}, got {mask!r}"
-            )
-        try:
-            masking.build(mask)
-        except ValueError as err:
-            raise RecipeError(f"method.mask: {err}") from None
-    return MethodConfig(name=name, backbone=dict(backbone), mask=mask, options=options)
+    options = {k: v for k, v in typed.items() if k not in SECTION_KEYS}
+    return MethodConfig(name=typed["name"], backbone=backbone, mask=typed.get("mask"), options=options)
 
 
 def _require(ok: bool, key: str, allowed: str, value: Any) -> None:

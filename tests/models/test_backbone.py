@@ -34,9 +34,9 @@ def test_unknown_backbone_names_the_valid_ones():
 
 
 def test_unknown_override_and_pos_embed_are_errors():
-    with pytest.raises(ValueError, match="colour"):
+    with pytest.raises(ValueError, match="unknown key colour for backbone 'vit_tiny_patch16'; valid: img"):
         create_backbone("vit_tiny_patch16", colour="red")
-    with pytest.raises(ValueError, match="rope.*sincos"):
+    with pytest.raises(ValueError, match="pos_embed must be one of 'sincos', 'learn', got 'rope'"):
         create_backbone("vit_tiny_patch16", pos_embed="rope")
 
 

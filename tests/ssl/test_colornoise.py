@@ -264,7 +264,7 @@ def test_bank_file_errors_name_the_problem(tmp_path):
         ({"sigma_fine": 2.0}, r"sigma_fine < sigma_coarse, got 2.0 and 1.2"),
         ({"bank_size": 0}, r"bank_size.*0"),
         ({"ratio": 1.5}, r"1.5"),
-        ({"colour": "green"}, r"bad options \['colour'\]"),
+        ({"colour": "green"}, r"unknown key colour \(did you mean color\?\)"),
     ],
 )
 def test_bad_options_are_errors_that_name_the_value(options, message):

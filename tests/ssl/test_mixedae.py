@@ -319,12 +319,20 @@ def test_build_errors_name_the_bad_value_and_the_valid_ones():
         build_method({**TINY, "mix_ratio": 0.3})
     with pytest.raises(ValueError, match="mask ratio 0.75 must equal 1 - mix_ratio = 0.5"):
         build_method({**TINY, "mix_ratio": 0.5})
-    with pytest.raises(ValueError, match="'mixup'.*homologous, naive"):
+    with pytest.raises(ValueError, match="mixing must be one of 'homologous', 'naive', got 'mixup'"):
         build_method({**TINY, "mixing": "mixup"})
-    with pytest.raises(ValueError, match="'input'.*decoder, encoder, both, none"):
+    with pytest.raises(
+        ValueError, match="segment_embed must be one of 'decoder', 'encoder', 'both', 'none', got"
+    ):
         build_method({**TINY, "segment_embed": "input"})
-    with pytest.raises(ValueError, match=r"homologous_blocks.*\[0, 2\).*\[5\]"):
+    with pytest.raises(ValueError, match=r"homologous_blocks.*\[-2, 2\).*\[5\]"):
         build_method({**TINY, "homologous_blocks": [5]})
+    with pytest.raises(
+        ValueError, match=r"homologous_blocks must be one of 'all' or a list of integers, got 'many'"
+    ):
+        build_method({**TINY, "homologous_blocks": "many"})
+    with pytest.raises(ValueError, match=r"topk must be null or an integer, got 'many'"):
+        build_method({**TINY, "topk": "many"})
     with pytest.raises(ValueError, match=r"topk.*\[1, 16\].*17"):
         build_method({**TINY, "topk": 17})
     with pytest.raises(ValueError, match="contrast_temperature.*0"):

@@ -1,12 +1,14 @@
 """Recipes: loading, overlays, overrides, and errors that name the key before anything runs."""
 
+import dataclasses
+from dataclasses import MISSING
 from pathlib import Path
 
 import pytest
 import yaml
 
 from mimkit.train import RecipeError, load_recipe
-from mimkit.train.config import SECTIONS, Recipe, apply_override, parse_yaml
+from mimkit.train.config import BASE_RECIPE, SECTIONS, Recipe, apply_override, parse_yaml
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))
@@ -52,13 +54,39 @@ def test_paper_recipes_hold_the_paper_settings():
         assert r.method.options["decoder_heads"] == 16
 
 
-def test_default_recipe_lists_every_key():
-    raw = yaml.safe_load((REPO / "recipes" / "mae" / "default.yaml").read_text())
+def test_base_recipe_is_the_one_source_of_defaults():
+    raw = yaml.safe_load(BASE_RECIPE.read_text())
+    assert "method" not in raw  # method options default to the method's constructor
     for name, cls in SECTIONS.items():
-        if name == "method":
-            continue
-        missing = {f for f in cls.__dataclass_fields__} - set(raw[name])
-        assert not missing, f"recipes/mae/default.yaml lacks {name}: {sorted(missing)}"
+        fields = dataclasses.fields(cls)
+        with_default = [
+            f.name for f in fields if f.default is not MISSING or f.default_factory is not MISSING
+        ]
+        assert not with_default, f"{cls.__name__} holds defaults of its own: {with_default}"
+        if name != "method":
+            missing = {f.name for f in fields} - set(raw[name])
+            assert not missing, f"{BASE_RECIPE.name} lacks {name}: {sorted(missing)}"
+
+
+def test_method_files_hold_only_what_differs_from_the_base():
+    base = yaml.safe_load(BASE_RECIPE.read_text())
+    for path in (
+        REPO / "recipes" / "mae" / "default.yaml",
+        REPO / "recipes" / "cae" / "vit_base_patch16_in1k.yaml",
+    ):
+        raw = yaml.safe_load(path.read_text())
+        for section, values in raw.items():
+            if section in ("method", "defaults"):
+                continue
+            same = sorted(k for k, v in values.items() if base[section].get(k) == v)
+            assert not same, f"{path.name} repeats the base's {section}: {same}"
+
+
+def test_a_recipe_must_name_its_method_and_backbone(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("data: {workers: 0}\n")
+    with pytest.raises(RecipeError, match=r"method needs a name and a backbone.*methods: cae, cmae, mae"):
+        load_recipe(path, check_data=False)
 
 
 def test_overrides_are_yaml_and_nested():
@@ -84,7 +112,9 @@ def test_floats_without_a_dot_parse_as_floats():
 
 
 def test_overlay_merges_over_defaults(tmp_path):
-    (tmp_path / "base.yaml").write_text("optim: {base_lr: 1.0e-3, weight_decay: 0.1}\nrun: {seed: 3}\n")
+    method = "method: {name: mae, backbone: {name: vit_tiny_patch16}}\n"
+    base = "optim: {base_lr: 1.0e-3, weight_decay: 0.1}\nrun: {seed: 3}\n"
+    (tmp_path / "base.yaml").write_text(method + base)
     (tmp_path / "child.yaml").write_text("defaults: base.yaml\noptim: {weight_decay: 0.2}\n")
     r = load_recipe(tmp_path / "child.yaml", check_data=False)
     assert (r.optim.base_lr, r.optim.weight_decay, r.run.seed) == (1e-3, 0.2, 3)
