@@ -139,3 +139,25 @@ def test_import_mimkit_imports_no_benchmark_code():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_methods_share_the_masked_image_model_base():
+    from torch import nn
+
+    from mimkit.ssl.base import MaskedImageModel
+    from mimkit.ssl.registry import register_method
+
+    for name in METHODS.names():
+        assert issubclass(METHODS.get(name), MaskedImageModel), name
+    with pytest.raises(TypeError, match="needs set_epoch"):
+        register_method("no_epoch")(type("NoEpoch", (nn.Module,), {}))
+    model = build_method(
+        {
+            "name": "mae",
+            "backbone": TINY_BACKBONE,
+            "mask": {"type": "colornoise", "schedule": {0: "red", 2: "blue"}},
+        }
+    )
+    model.set_epoch(2)
+    assert model.mask_generator.color == "blue"
+    assert model.draw_mask(3).shape == (3, 16)

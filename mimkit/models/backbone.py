@@ -17,9 +17,9 @@ from typing import Any, Literal
 
 import torch
 from safetensors.torch import load_file, save_file
-from timm.models import checkpoint_seq
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from mimkit.models.pos_embed import sincos_2d
 from mimkit.registry import Registry
@@ -94,6 +94,54 @@ class Backbone(VisionTransformer):
     def num_patches(self) -> int:
         return self.patch_embed.num_patches
 
+    @property
+    def drop_path_rate(self) -> float:
+        """Stochastic depth at the last block (the end of timm's linear ramp)."""
+        return self.config["drop_path_rate"]
+
+    # The steps of the forward pass, public so that methods compose them (MAE's visible-only
+    # encoder, MixedAE's mixed sequences) instead of copying timm's internals.
+
+    def patch_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) images -> (B, N, D) patch embeddings with their positions added."""
+        return self.patch_embed(images) + self.pos_embed[:, self.num_prefix_tokens :]
+
+    def with_prefix(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, K, D) patch tokens -> (B, 1 + K, D): the cls token (with its zero position) prepended,
+        then timm's position dropout and pre-norm, ready for :meth:`run_blocks`."""
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1)
+        return self.norm_pre(self.pos_drop(torch.cat([cls, tokens], dim=1)))
+
+    def run_blocks(
+        self,
+        x: torch.Tensor,
+        block_forward: Callable[[int, nn.Module, torch.Tensor], torch.Tensor | None] | None = None,
+        taps: tuple[int, ...] = (),
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Run the transformer blocks on (B, T, D) tokens; the final norm is not applied.
+
+        Args:
+            block_forward: ``(index, block, x) -> x``, replacing a block's forward (e.g. with a
+                different attention); returning ``None`` runs the block as it is.
+            taps: block indices whose outputs are returned too.
+
+        Returns:
+            ``(x, {index: output of that block})``. With ``set_grad_checkpointing()`` each block is
+            recomputed in the backward pass.
+        """
+        tapped = {}
+        checkpointed = self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting()
+        for i, block in enumerate(self.blocks):
+
+            def step(h: torch.Tensor, i: int = i, block: nn.Module = block) -> torch.Tensor:
+                out = block_forward(i, block, h) if block_forward is not None else None
+                return block(h) if out is None else out
+
+            x = checkpoint(step, x, use_reentrant=False) if checkpointed else step(x)
+            if i in taps:
+                tapped[i] = x
+        return x, tapped
+
     def forward_visible(self, images: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
         """Encode only the kept patches, MAE-style.
 
@@ -106,16 +154,9 @@ class Backbone(VisionTransformer):
             order of ``ids_keep``. The position embedding is added before selection, so each
             token keeps its own position.
         """
-        x = self.patch_embed(images)
-        x = x + self.pos_embed[:, self.num_prefix_tokens :]
+        x = self.patch_tokens(images)
         x = torch.gather(x, 1, ids_keep[..., None].expand(-1, -1, x.shape[-1]))
-        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
-        x = self.pos_drop(torch.cat([cls, x], dim=1))
-        x = self.norm_pre(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            x = checkpoint_seq(self.blocks, x)
-        else:
-            x = self.blocks(x)
+        x, _ = self.run_blocks(self.with_prefix(x))
         return self.norm(x)
 
 

@@ -83,6 +83,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from mimkit.models import Backbone, sincos_2d
+from mimkit.ssl.base import MaskedImageModel
 from mimkit.ssl.cae_targets import PixelTarget, build_target
 from mimkit.ssl.masking import MaskGenerator, ids_keep, ids_masked
 from mimkit.ssl.registry import register_method
@@ -230,18 +231,13 @@ def init_cae_weights(model: CAE) -> None:
     _trunc_normal(model.mask_token)
 
 
-def _encoder_drop_path(encoder: Backbone) -> float:
-    """The encoder's ``drop_path_rate``: timm's last block holds the end of the linear ramp."""
-    return float(getattr(encoder.blocks[-1].drop_path1, "drop_prob", 0.0))
-
-
 def _check(ok: bool, name: str, allowed: str, value: Any) -> None:
     if not ok:
         raise ValueError(f"CAE option {name} must be {allowed}, got {value!r}")
 
 
 @register_method("cae")
-class CAE(nn.Module):
+class CAE(MaskedImageModel):
     """Context autoencoder on a registry backbone.
 
     Args:
@@ -282,14 +278,13 @@ class CAE(nn.Module):
         align_loss_weight: float = 2.0,
         target: str | dict[str, Any] | None = None,
     ):
-        super().__init__()
         if not hasattr(encoder, "forward_visible"):
             raise ValueError(
                 f"CAE needs a mimkit Backbone (with forward_visible), got {type(encoder).__name__}"
             )
         dim = encoder.embed_dim if decoder_dim is None else decoder_dim
         heads = encoder.blocks[0].attn.num_heads if decoder_heads is None else decoder_heads
-        drop_path = _encoder_drop_path(encoder) if decoder_drop_path_rate is None else decoder_drop_path_rate
+        drop_path = encoder.drop_path_rate if decoder_drop_path_rate is None else decoder_drop_path_rate
         _check(regressor_depth >= 1, "regressor_depth", "at least 1", regressor_depth)
         _check(decoder_depth >= 0, "decoder_depth", "at least 0", decoder_depth)
         _check(heads >= 1, "decoder_heads", "positive or null", decoder_heads)
@@ -306,8 +301,7 @@ class CAE(nn.Module):
         _check(0 <= drop_path < 1, "decoder_drop_path_rate", "in [0, 1) or null", decoder_drop_path_rate)
         _check(align_loss_weight >= 0, "align_loss_weight", ">= 0", align_loss_weight)
 
-        self.encoder = encoder
-        self.mask_generator = mask_generator
+        super().__init__(encoder, mask_generator)
         self.align_loss_weight = float(align_loss_weight)
         self.patch_size = encoder.patch_size
         if dim != encoder.embed_dim:
@@ -336,10 +330,6 @@ class CAE(nn.Module):
         """Whether predictions are in per-patch standardised pixel units (for visualisation)."""
         return bool(getattr(self.target, "norm_pix", False))
 
-    def set_epoch(self, epoch: int) -> None:
-        """Let an epoch-scheduled mask generator switch."""
-        self.mask_generator.set_epoch(epoch)
-
     def forward(self, batch: dict, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """One CAE step on ``batch["image"]`` (B, C, H, W).
 
@@ -356,7 +346,7 @@ class CAE(nn.Module):
         images = batch["image"]
         b = images.shape[0]
         if mask is None:
-            mask = self.mask_generator(b, self.encoder.grid_size, device=images.device)
+            mask = self.draw_mask(b, images.device)
         keep, masked = ids_keep(mask), ids_masked(mask)
 
         visible = self.to_regressor(self.encoder.forward_visible(images, keep)[:, 1:])

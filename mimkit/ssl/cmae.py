@@ -67,9 +67,9 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from mimkit.models import Backbone
+from mimkit.ssl.base import MaskedImageModel
 from mimkit.ssl.decoder import MAEDecoder
 from mimkit.ssl.mae import init_mae_weights
 from mimkit.ssl.masking import MaskGenerator, ids_keep
@@ -142,7 +142,7 @@ AGREEMENT_NAMES = tuple(AGREEMENTS)
 
 
 @register_method("cmae")
-class ContrastiveMAE(nn.Module):
+class ContrastiveMAE(MaskedImageModel):
     """Two independently masked MAE branches with a shared encoder and an agreement term.
 
     Args:
@@ -172,15 +172,13 @@ class ContrastiveMAE(nn.Module):
         agreement_weight: float = 1.0,
         temperature: float = 0.1,
     ):
-        super().__init__()
         if agreement not in AGREEMENTS:
             raise ValueError(f"unknown agreement {agreement!r}; valid: {', '.join(AGREEMENTS)}")
         if not agreement_weight >= 0:
             raise ValueError(f"agreement_weight must be >= 0, got {agreement_weight!r}")
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature!r}")
-        self.encoder = encoder
-        self.mask_generator = mask_generator
+        super().__init__(encoder, mask_generator)
         self.norm_pix_loss = norm_pix_loss
         self.agreement = agreement
         self.agreement_weight = agreement_weight
@@ -202,10 +200,6 @@ class ContrastiveMAE(nn.Module):
         self.decoder1 = decoder()
         self.decoder2 = decoder()
         init_mae_weights(self)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Let an epoch-scheduled mask generator (e.g. ColorMAE's colour schedule) switch."""
-        self.mask_generator.set_epoch(epoch)
 
     def _masks(self, images: torch.Tensor, mask) -> tuple[torch.Tensor, torch.Tensor]:
         """The two branches' (B, L) masks: given, or independent draws of the generator."""

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from mimkit.models import Backbone
+from mimkit.ssl.base import MaskedImageModel
 from mimkit.ssl.decoder import MAEDecoder
 from mimkit.ssl.masking import MaskGenerator, ids_keep
 from mimkit.ssl.registry import register_method
@@ -42,7 +43,7 @@ def init_mae_weights(module: nn.Module) -> None:
 
 
 @register_method("mae")
-class MAE(nn.Module):
+class MAE(MaskedImageModel):
     """Masked autoencoder on a registry backbone.
 
     Args:
@@ -64,9 +65,7 @@ class MAE(nn.Module):
         decoder_mlp_ratio: float = 4.0,
         norm_pix_loss: bool = True,
     ):
-        super().__init__()
-        self.encoder = encoder
-        self.mask_generator = mask_generator
+        super().__init__(encoder, mask_generator)
         self.norm_pix_loss = norm_pix_loss
         self.patch_size = encoder.patch_size
         out_dim = self.patch_size**2 * encoder.in_chans
@@ -81,10 +80,6 @@ class MAE(nn.Module):
         )
         init_mae_weights(self)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Let an epoch-scheduled mask generator (e.g. ColorMAE's colour schedule) switch."""
-        self.mask_generator.set_epoch(epoch)
-
     def forward(self, batch: dict, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Reconstruct the masked patches of ``batch["image"]`` (B, C, H, W).
 
@@ -98,7 +93,7 @@ class MAE(nn.Module):
         """
         images = batch["image"]
         if mask is None:
-            mask = self.mask_generator(images.shape[0], self.encoder.grid_size, device=images.device)
+            mask = self.draw_mask(images.shape[0], images.device)
         keep = ids_keep(mask)
         latent = self.encoder.forward_visible(images, keep)
         features = self.decoder.forward_features(latent, keep)

@@ -80,9 +80,9 @@ import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import Attention, Block
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from mimkit.models import Backbone
+from mimkit.ssl.base import MaskedImageModel
 from mimkit.ssl.decoder import MAEDecoder
 from mimkit.ssl.mae import init_mae_weights
 from mimkit.ssl.masking import MaskGenerator, ids_keep
@@ -271,7 +271,7 @@ def homologous_contrastive_loss(
 
 
 @register_method("mixedae")
-class MixedAE(nn.Module):
+class MixedAE(MaskedImageModel):
     """Mixed autoencoder with homologous recognition on a registry backbone.
 
     Args:
@@ -312,7 +312,6 @@ class MixedAE(nn.Module):
         decoder_mlp_ratio: float = 4.0,
         norm_pix_loss: bool = True,
     ):
-        super().__init__()
         self.group_size = group_size(mix_ratio)
         n, depth = encoder.num_patches, len(encoder.blocks)
         if n % self.group_size:
@@ -353,8 +352,7 @@ class MixedAE(nn.Module):
         if contrast_proj_dim is not None and contrast_proj_dim < 1:
             raise ValueError(f"contrast_proj_dim must be positive or null, got {contrast_proj_dim!r}")
 
-        self.encoder = encoder
-        self.mask_generator = PartitionMasks(self.group_size)  # the recipe's was checked above
+        super().__init__(encoder, PartitionMasks(self.group_size))  # the recipe's mask was checked above
         self.mix_ratio = mix_ratio
         self.mixing = mixing
         self.homologous_blocks = set(blocks) if mixing == "homologous" else set()
@@ -386,35 +384,24 @@ class MixedAE(nn.Module):
         if self.segment_embed is not None:
             nn.init.normal_(self.segment_embed, std=0.02)
 
-    def set_epoch(self, epoch: int) -> None:
-        """A no-op: the position split does not follow a schedule."""
-
     def _encode(self, images: torch.Tensor, owner: torch.Tensor, stats: list):
         """Mixed sequences through the encoder: ((G, 1 + N, D) normed output, (G, N, D) contrast feats)."""
         enc = self.encoder
-        x = enc.patch_embed(images) + enc.pos_embed[:, enc.num_prefix_tokens :]
-        x = mix(x, owner)
+        x = mix(enc.patch_tokens(images), owner)
         if self.segment_place in ("encoder", "both"):
             x = x + self.segment_embed[owner]
-        cls = (enc.cls_token + enc.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
-        x = enc.norm_pre(enc.pos_drop(torch.cat([cls, x], dim=1)))
-        homologous = self.training and bool(self.homologous_blocks)
-        feats = None
-        for i, block in enumerate(enc.blocks):
-            if homologous and i in self.homologous_blocks:
-                args = (block, x, self.topk, owner, stats)
-                fn = homologous_block_forward
-            else:
-                args, fn = (x,), block
-            if enc.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(fn, *args, use_reentrant=False)
-            else:
-                x = fn(*args)
-            if i == self.contrast_layer:
-                feats = x[:, 1:]
+        homologous = self.homologous_blocks if self.training else ()
+
+        def block_forward(i: int, block: nn.Module, h: torch.Tensor) -> torch.Tensor | None:
+            if i not in homologous:
+                return None
+            return homologous_block_forward(block, h, self.topk, owner, stats)
+
+        last = len(enc.blocks) - 1
+        taps = (self.contrast_layer,) if self.contrast_layer != last else ()
+        x, tapped = enc.run_blocks(enc.with_prefix(x), block_forward, taps)
         x = enc.norm(x)
-        if self.contrast_layer == len(enc.blocks) - 1:
-            feats = x[:, 1:]
+        feats = x[:, 1:] if self.contrast_layer == last else tapped[self.contrast_layer][:, 1:]
         return x, feats
 
     def forward(self, batch: dict, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:

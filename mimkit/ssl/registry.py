@@ -22,8 +22,20 @@ SECTION_KEYS = ("name", "backbone", "mask")
 
 
 def register_method(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
-    """Class decorator registering a pretraining method under ``name``."""
-    return METHODS.register(name)
+    """Class decorator registering a pretraining method under ``name``.
+
+    A method is a module with ``set_epoch(epoch)`` (the trainer calls it every epoch), usually a
+    :class:`~mimkit.ssl.base.MaskedImageModel`.
+    """
+
+    def wrap(cls: type[nn.Module]) -> type[nn.Module]:
+        if not callable(getattr(cls, "set_epoch", None)):
+            raise TypeError(
+                f"method {name!r} ({cls.__name__}) needs set_epoch(epoch); subclass MaskedImageModel"
+            )
+        return METHODS.register(name)(cls)
+
+    return wrap
 
 
 def list_methods() -> list[str]:

@@ -147,8 +147,7 @@ def pretrain(recipe: Recipe) -> RunResult:
         sampler.set_epoch(epoch, in_epoch)
         # epoch-scheduled parts of a method (e.g. ColorMAE's colour schedule) follow the epoch,
         # which is restored on resume, so they need no state of their own
-        if hasattr(engine.module, "set_epoch"):
-            engine.module.set_epoch(epoch)
+        engine.module.set_epoch(epoch)
         for micro, batch in enumerate(loader):
             if micro % accum == 0:
                 lr = warmup_cosine_lr(

@@ -130,3 +130,24 @@ def test_export_round_trip_without_naming_the_architecture(tmp_path):
 def test_load_backbone_missing_file_names_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="encoder.safetensors"):
         load_backbone(tmp_path)
+
+
+def test_public_steps_compose_into_timm_forward():
+    torch.manual_seed(0)
+    vit = create_backbone("vit_tiny_patch16", img_size=32, patch_size=8, depth=3, drop_path_rate=0.2).eval()
+    assert vit.drop_path_rate == 0.2 and vit.config["drop_path_rate"] == 0.2
+    images = torch.randn(2, 3, 32, 32)
+    x, taps = vit.run_blocks(vit.with_prefix(vit.patch_tokens(images)), taps=(0, 2))
+    torch.testing.assert_close(vit.norm(x), vit.forward_features(images))
+    first = vit.forward_intermediates(
+        images, indices=[0], norm=False, intermediates_only=True, output_fmt="NLC"
+    )
+    torch.testing.assert_close(taps[0][:, 1:], first[0])
+    seen = []
+
+    def doubled(i, block, h):  # replaces block 1, leaves the others to run as they are
+        seen.append(i)
+        return h + 2 * (block(h) - h) if i == 1 else None
+
+    y, _ = vit.run_blocks(vit.with_prefix(vit.patch_tokens(images)), doubled)
+    assert seen == [0, 1, 2] and not torch.allclose(x, y)
