@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torchvision.utils import make_grid, save_image
 
+from mimkit.files import atomic_write
 from mimkit.ssl.targets import patchify, unpatchify
 
 RECON_ROWS = ("original", "masked", "reconstruction", "reconstruction + visible")
@@ -57,11 +58,7 @@ def save_recon_grid(pictures: dict[str, torch.Tensor], path: str | os.PathLike, 
     grid = make_grid(rows, nrow=pictures["original"].shape[0], padding=2, pad_value=1.0)
     if scale > 1:
         grid = torch.nn.functional.interpolate(grid[None], scale_factor=scale, mode="nearest")[0]
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    save_image(grid, tmp)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda tmp: save_image(grid, tmp))
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
@@ -107,12 +104,10 @@ def plot_curves(metrics_path: str | os.PathLike, path: str | os.PathLike) -> Pat
     for ax in list(axes.flat)[len(keys) :]:
         ax.axis("off")
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110))
+    finally:
+        plt.close(fig)
 
 
 def default_mask_kinds(ratio: float = 0.75) -> dict[str, dict]:
@@ -186,9 +181,7 @@ def plot_masks(
         if ax.lines:
             ax.legend(fontsize=7)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110))
+    finally:
+        plt.close(fig)

@@ -34,6 +34,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from mimkit.data.folder import ImageFolderSource
+from mimkit.files import atomic_write, atomic_write_text
 
 INDEX_FORMAT = "mimkit-wds-v1"
 IMAGE_FORMATS = ("png", "jpg")
@@ -122,7 +123,13 @@ def _original_file(dataset: Dataset, index: int, options: ShardOptions) -> bytes
 def _write_shard(path: Path, dataset: Dataset, indices: range, options: ShardOptions) -> list[int]:
     """Write one shard; return the source indices skipped as unreadable."""
     skipped: list[int] = []
-    tmp = path.with_name(f".{path.name}.tmp")
+    atomic_write(path, lambda tmp: _fill_shard(tmp, dataset, indices, options, skipped))
+    return skipped
+
+
+def _fill_shard(
+    tmp: Path, dataset: Dataset, indices: range, options: ShardOptions, skipped: list[int]
+) -> None:
     with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
         for index in indices:
             key = f"{index:09d}"
@@ -143,8 +150,6 @@ def _write_shard(path: Path, dataset: Dataset, indices: range, options: ShardOpt
                 _add(tar, f"{key}.cls", str(int(sample["label"])).encode())
             if "mask" in sample:
                 _add(tar, f"{key}.seg.png", _encode_mask(sample["mask"], options.max_side))
-    os.replace(tmp, path)
-    return skipped
 
 
 def _count_samples(path: Path) -> int:
@@ -153,9 +158,7 @@ def _count_samples(path: Path) -> int:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=1) + "\n")
 
 
 def write_shards(

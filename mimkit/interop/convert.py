@@ -20,8 +20,9 @@ from typing import Any
 import yaml
 from safetensors.torch import save_file
 
+from mimkit.files import atomic_write, atomic_write_text
 from mimkit.interop.cae import cae_to_mimkit
-from mimkit.interop.export import _atomic, save_timm_export
+from mimkit.interop.export import save_timm_export
 from mimkit.interop.loading import read_state_dict
 from mimkit.interop.mae import mae_to_mimkit
 from mimkit.interop.timm import Converted, encoder_from_state, timm_to_mimkit
@@ -112,10 +113,10 @@ def convert_checkpoint(
         written.append(written[-1].with_suffix(".json"))
         if result.model is not None:
             state = {k: v.detach().cpu().contiguous() for k, v in result.model.state_dict().items()}
-            _atomic(out / MODEL_WEIGHTS, lambda p: save_file(state, p))
+            atomic_write(out / MODEL_WEIGHTS, lambda tmp: save_file(state, str(tmp)))
             recipe = {"method": {**result.method_cfg}}
             text = f"# converted from {source} checkpoint {src}\n" + yaml.safe_dump(recipe, sort_keys=False)
-            _atomic(out / MODEL_RECIPE, lambda p: Path(p).write_text(text))
+            atomic_write_text(out / MODEL_RECIPE, text)
             written += [out / MODEL_WEIGHTS, out / MODEL_RECIPE]
     report = {
         "source": source,
@@ -129,5 +130,5 @@ def convert_checkpoint(
         "notes": result.notes,
         **result.extra,
     }
-    _atomic(out / REPORT, lambda p: Path(p).write_text(json.dumps(report, indent=2)))
+    atomic_write_text(out / REPORT, json.dumps(report, indent=2))
     return report

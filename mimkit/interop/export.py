@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from timm.layers import LayerScale
 from torch import nn
 
 from mimkit.data.transforms import Normalization
+from mimkit.files import atomic_write, atomic_write_text
 from mimkit.models import Backbone
 
 TIMM_WEIGHTS = "timm.safetensors"
@@ -74,20 +74,13 @@ def timm_export_config(encoder: Backbone) -> dict[str, Any]:
     }
 
 
-def _atomic(path: Path, write: Callable[[str], None]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    write(str(tmp))
-    os.replace(tmp, path)
-
-
 def save_timm_export(encoder: Backbone, directory: str | os.PathLike) -> Path:
     """Write ``timm.safetensors`` + ``timm.json`` into ``directory``; returns the JSON path."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = export_timm(encoder)
-    _atomic(directory / TIMM_WEIGHTS, lambda p: save_file(state, p))
-    config = json.dumps(timm_export_config(encoder), indent=2)
-    _atomic(directory / TIMM_CONFIG, lambda p: Path(p).write_text(config))
+    atomic_write(directory / TIMM_WEIGHTS, lambda tmp: save_file(state, str(tmp)))
+    atomic_write_text(directory / TIMM_CONFIG, json.dumps(timm_export_config(encoder), indent=2))
     return directory / TIMM_CONFIG
 
 

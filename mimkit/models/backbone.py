@@ -21,6 +21,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from mimkit.files import atomic_write, atomic_write_text
 from mimkit.models.pos_embed import sincos_2d
 from mimkit.registry import Registry
 
@@ -245,13 +246,6 @@ def vit_huge_patch14(**overrides: Any) -> Backbone:
     return _build("vit_huge_patch14", "vit_huge_patch14_224", preset, overrides)
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write through a temporary name and rename, so a killed process never leaves a half file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    write(str(tmp))
-    os.replace(tmp, path)
-
-
 def save_backbone(backbone: Backbone, directory: str | os.PathLike, extra: dict | None = None) -> Path:
     """Export ``encoder.safetensors`` + ``encoder.json`` into ``directory``; returns the weights path."""
     directory = Path(directory)
@@ -261,8 +255,8 @@ def save_backbone(backbone: Backbone, directory: str | os.PathLike, extra: dict 
     if backbone.normalization is not None:
         config["normalization"] = backbone.normalization
     weights = directory / ENCODER_WEIGHTS
-    _atomic_write(weights, lambda p: save_file(state, p))
-    _atomic_write(directory / ENCODER_CONFIG, lambda p: Path(p).write_text(json.dumps(config, indent=2)))
+    atomic_write(weights, lambda tmp: save_file(state, str(tmp)))
+    atomic_write_text(directory / ENCODER_CONFIG, json.dumps(config, indent=2))
     return weights
 
 

@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mimkit.files import atomic_write
 from mimkit.ssl.masking import MaskGenerator, num_masked, register_mask
 
 COLORS = ("red", "green", "blue", "purple")
@@ -106,15 +107,12 @@ def save_bank(path: str | os.PathLike, banks: dict[str, torch.Tensor]) -> Path:
         check_color(color)
         if fields.dim() != 3:
             raise ValueError(f"bank {color!r} must be (N, H, W), got shape {tuple(fields.shape)}")
-    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
+    arrays = {c: f.detach().float().cpu().contiguous() for c, f in banks.items()}
     if path.suffix == ".pt":
-        torch.save({c: f.detach().float().cpu().contiguous() for c, f in banks.items()}, tmp)
-    elif path.suffix == ".npz":
-        np.savez(tmp, **{c: f.detach().float().cpu().numpy() for c, f in banks.items()})
-    else:
-        raise ValueError(f"bank file {str(path)!r} must end in .pt or .npz")
-    os.replace(tmp, path)
-    return path
+        return atomic_write(path, lambda tmp: torch.save(arrays, tmp))
+    if path.suffix == ".npz":
+        return atomic_write(path, lambda tmp: np.savez(tmp, **{c: a.numpy() for c, a in arrays.items()}))
+    raise ValueError(f"bank file {str(path)!r} must end in .pt or .npz")
 
 
 def load_bank(path: str | os.PathLike, color: str | None = None) -> dict[str, torch.Tensor]:

@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from mimkit.files import atomic_write, atomic_write_text
+
 LATEST = "latest"
 _TAG = re.compile(r"^step(\d{8,})$")
 
@@ -50,12 +52,7 @@ def latest_tag(ckpt_dir: str | Path) -> str | None:
 
 
 def _write_latest(ckpt_dir: Path, tag: str) -> None:
-    tmp = ckpt_dir / f".{LATEST}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(tag)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, ckpt_dir / LATEST)
+    atomic_write_text(ckpt_dir / LATEST, tag, sync=True)
 
 
 def rng_state() -> dict[str, Any]:
@@ -72,12 +69,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _torch_save_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def save(
@@ -102,7 +93,8 @@ def save(
             shutil.rmtree(ckpt_dir / tag)
     _barrier()
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
-    _torch_save_atomic(rng_state(), ckpt_dir / tag / f"rng_rank{rank}.pt")
+    state = rng_state()
+    atomic_write(ckpt_dir / tag / f"rng_rank{rank}.pt", lambda tmp: torch.save(state, tmp))
     if fail_midway:
         for path in (ckpt_dir / tag).rglob("*model_states.pt"):
             with open(path, "r+b") as f:

@@ -33,6 +33,7 @@ from torch import nn
 from torch.utils.data import IterableDataset
 from tqdm import tqdm
 
+from mimkit.files import atomic_write, atomic_write_text
 from mimkit.train import checkpoint
 from mimkit.train.config import Recipe, RecipeError, from_dict, load_recipe
 from mimkit.train.cpu_memory import keep_freed_memory
@@ -451,9 +452,7 @@ def _prepare_run_dir(recipe: Recipe, run_dir: Path, resumed_step: int | None) ->
         changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
         if changed:
             print(f"[mimkit] resuming with changed recipe keys: {', '.join(changed)}", file=sys.stderr)
-    tmp = recipe_path.with_name(f".{RECIPE_FILE}.tmp")
-    tmp.write_text(recipe.dump())
-    os.replace(tmp, recipe_path)
+    atomic_write_text(recipe_path, recipe.dump())
 
     metrics = run_dir / METRICS_FILE
     if resumed_step is None:
@@ -489,9 +488,8 @@ def _export(engine, recipe: Recipe, ckpt_dir: Path, tag: str, run_dir: Path, ran
         return
     method = build_method(recipe.method.to_dict())
     method.load_state_dict(state, strict=True)
-    tmp = run_dir / f".{MODEL_FILE}.tmp"
-    save_file(state, str(tmp), metadata={"format": "mimkit-method-v1", "method": recipe.method.name})
-    os.replace(tmp, run_dir / MODEL_FILE)
+    metadata = {"format": "mimkit-method-v1", "method": recipe.method.name}
+    atomic_write(run_dir / MODEL_FILE, lambda tmp: save_file(state, str(tmp), metadata=metadata))
     provenance = {"method": recipe.method.name, "steps": step, "data": recipe.data.source}
     method.encoder.normalization = recipe.normalization.to_dict()
     save_backbone(method.encoder, run_dir, extra={"pretrained": provenance})
