@@ -39,8 +39,8 @@ Where mimkit departs from the official code, and why:
   point at the encoder's after every step; mimkit calls the encoder itself under ``no_grad``.
   The numbers are the same, drop path included (the official target pass also runs in train
   mode), and checkpoints hold no duplicate encoder.
-- **Target.** Official CAE reconstructs DALL-E token ids (8192 classes) with cross-entropy; the
-  tokenizer cannot be downloaded here, so the default is per-patch normalised pixels with MSE
+- **Target.** Official CAE reconstructs DALL-E token ids (8192 classes) with cross-entropy; mimkit
+  never fetches weights at run time, so the default is per-patch normalised pixels with MSE
   over masked patches (the RGB target of Paddle's CAE, MAE's norm-pix). ``target={"type":
   "tokens", "tokenizer": ...}`` trains against a locally held tokenizer (see
   :mod:`mimkit.ssl.cae_targets`).

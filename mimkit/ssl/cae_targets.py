@@ -1,8 +1,9 @@
 """Reconstruction targets for a decoder that predicts the masked patches: what it predicts, and the loss.
 
-CAE (Chen et al., IJCV 2023) reconstructs DALL-E token ids of the masked patches; its tokenizer's
-weights cannot be downloaded here, so mimkit defaults to MAE's normalised pixels (the target the
-Paddle CAE code offers as ``target_mode='rgb'``) and keeps the token target pluggable.
+CAE (Chen et al., IJCV 2023) reconstructs DALL-E token ids of the masked patches. mimkit never
+fetches weights at run time, so it defaults to MAE's normalised pixels (the target the Paddle
+CAE code offers as ``target_mode='rgb'``) and keeps the token target pluggable: a tokenizer
+held locally plugs in by name.
 
 A target is built from a recipe entry, the way a mask generator is::
 

@@ -43,8 +43,8 @@ Choices the paper does not pin down, and why the default:
 - The top-k selection: computed per head, per query, from the same scaled logits the softmax
   uses; it has no gradient (selection is piecewise constant), gradients flow through the kept
   logits as in the paper's "set the rest to -inf" description.
-- ``homologous_blocks`` default ``"all"`` (the issue's default; the paper's layer choice could not
-  be verified).
+- ``homologous_blocks`` default ``"all"``: every encoder block; the paper's choice of layers
+  could not be verified from its text.
 - ``segment_embed`` default ``"decoder"``: at the encoder input it would label every patch with
   its source and hand the encoder the answer to homologous recognition. Note that with
   per-image unmixing every visible token of one decoder pass belongs to the same slot, so the
