@@ -14,6 +14,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["mimkit", "mimkit.*"]),
+    package_data={"mimkit.train": ["base.yaml"]},  # the base recipe every recipe is read over
     # The upper bounds keep a fresh resolve on torch 2.14.1 + torchvision 0.29.1, the newest pair
     # that imports together here (torchvision 0.29.2 wants torch 2.15, which pip cannot install).
     install_requires=[
@@ -30,4 +31,5 @@ setup(
         "matplotlib>=3.7",
     ],
     extras_require={"dev": ["pytest>=8", "ruff>=0.6"]},
+    entry_points={"console_scripts": ["mimkit=mimkit.cli.main:main"]},
 )

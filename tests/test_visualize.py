@@ -65,14 +65,10 @@ def test_curves_of_an_empty_log_is_an_error(tmp_path):
 
 
 def _visualize_tool():
-    import importlib.util
-    from pathlib import Path
+    """The visualize command's module (``tools/visualize.py`` is a thin wrapper over it)."""
+    import importlib
 
-    path = Path(__file__).resolve().parents[1] / "tools" / "visualize.py"
-    spec = importlib.util.spec_from_file_location("visualize_tool", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("mimkit.cli.visualize")
 
 
 def test_mask_picture_has_a_row_per_kind_and_the_tool_draws_it(tmp_path):

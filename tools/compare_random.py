@@ -1,78 +1,16 @@
-"""An encoder next to a random init of its shape: weighted k-NN and the cached MAE linear probe.
+"""An encoder next to a random init of its shape: ``python tools/compare_random.py ...``.
 
-    python tools/compare_random.py --encoder runs/demo --train "synthetic:shapes?train=2000&val=500"
-
-Both encoders read the same centre-cropped images (train split of --train as the bank and the
-probe's training set, val split of --val, default --train's, as the scored set). The probe is
-MAE's (BN + linear, LARS, lr = blr x batch / 256, warm-up then cosine) on cached features at
---effective-batch 256, --blr 1.0 (MAE: 16384 and 0.1, tuned for ImageNet's 1.28M images; see
-mimkit/eval/compare.py) and --epochs 90; the table prints both encoders side by side.
+A thin wrapper: the arguments, examples and ``main`` live in :mod:`mimkit.cli.compare_random`, which
+``mimkit compare-random ...`` runs where mimkit is installed; this file runs it from a checkout
+without installing.
 """
 
-from __future__ import annotations
-
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from mimkit.eval.common import add_eval_args, check_common_args  # noqa: E402
-from mimkit.eval.compare import COMPARE_PROBE, compare_encoders  # noqa: E402
-from mimkit.eval.knn import KNN_KS  # noqa: E402
-from mimkit.eval.linear_probe import preset_settings  # noqa: E402
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_eval_args(parser)
-    parser.add_argument("--ks", type=int, nargs="+", default=list(KNN_KS), help="k-NN neighbour counts")
-    parser.add_argument("--epochs", type=int, default=COMPARE_PROBE.epochs, help="probe epochs (%(default)s)")
-    parser.add_argument(
-        "--effective-batch", type=int, default=COMPARE_PROBE.effective_batch, help="probe batch (%(default)s)"
-    )
-    parser.add_argument("--blr", type=float, default=COMPARE_PROBE.blr, help="probe base lr (%(default)s)")
-    args = parser.parse_args(argv)
-    check_common_args(parser, args)
-    if args.random_init:
-        parser.error(
-            "--random-init does not apply: this tool always evaluates the random init beside --encoder"
-        )
-    if args.cache_dir is not None:
-        parser.error("--cache-dir does not apply: both encoders share one pass over the images")
-    try:
-        probe = preset_settings(
-            "mae",
-            epochs=args.epochs,
-            effective_batch=args.effective_batch,
-            batch_size=args.effective_batch,
-            blr=args.blr,
-        )
-        compare_encoders(
-            args.encoder,
-            args.train,
-            args.val,
-            img_size=args.img_size,
-            checkpoint=args.checkpoint,
-            precision=args.precision,
-            ks=args.ks,
-            probe=probe,
-            batch_size=args.batch_size,
-            device=args.device,
-            workers=args.workers,
-            seed=args.seed,
-            normalization=args.normalization,
-            json_path=args.json,
-            progress=not args.no_progress,
-        )
-    except (FileNotFoundError, ValueError) as err:
-        parser.error(str(err))
-    if args.json is not None:
-        print(f"wrote {args.json}")
-    return 0
-
+from mimkit.cli.compare_random import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

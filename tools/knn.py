@@ -1,98 +1,15 @@
-"""Weighted k-NN (DINO) and few-shot k-NN of a frozen encoder.
+"""Weighted k-NN (DINO) and few-shot k-NN of a frozen encoder: ``python tools/knn.py ...``.
 
-    python tools/knn.py --encoder runs/demo --train "synthetic:shapes?train=2000&val=500"
-    python tools/knn.py --encoder export/ --train folder:/data/imagenet --json knn.json
-    python tools/knn.py --encoder runs/demo --train ... --random-init     # the untrained floor
-
-The bank is the train split of --train, the queries the val split of --val (default: --train's),
-both centre-cropped. Features are the final-normed cls token (--feature patch_mean for the mean
-patch token), L2-normalised; votes are weighted by exp(cosine / 0.07) for k in {10, 20, 100, 200}.
-Few-shot draws n images per class (--shots, default 1 2 5 10) --tries times and reports the mean
-and standard deviation; --shots with no value skips it.
+A thin wrapper: the arguments, examples and ``main`` live in :mod:`mimkit.cli.knn`, which ``mimkit
+knn ...`` runs where mimkit is installed; this file runs it from a checkout without installing.
 """
 
-from __future__ import annotations
-
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from mimkit.eval.common import add_eval_args, check_common_args, write_json  # noqa: E402
-from mimkit.eval.features import load_encoder  # noqa: E402
-from mimkit.eval.knn import (  # noqa: E402
-    FEW_SHOT_N,
-    FEW_SHOT_TRIES,
-    KNN_FEATURES,
-    KNN_KS,
-    KNN_TEMPERATURE,
-    format_knn,
-    knn_eval,
-)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_eval_args(parser)
-    parser.add_argument(
-        "--ks", type=int, nargs="+", default=list(KNN_KS), help="neighbour counts (%(default)s)"
-    )
-    parser.add_argument(
-        "--temperature", type=float, default=KNN_TEMPERATURE, help="vote temperature (%(default)s)"
-    )
-    parser.add_argument(
-        "--feature", choices=KNN_FEATURES, default="cls", help="feature compared (%(default)s)"
-    )
-    parser.add_argument(
-        "--shots",
-        type=int,
-        nargs="*",
-        default=list(FEW_SHOT_N),
-        help="few-shot images per class (%(default)s)",
-    )
-    parser.add_argument(
-        "--tries", type=int, default=FEW_SHOT_TRIES, help="few-shot draws per n (%(default)s)"
-    )
-    args = parser.parse_args(argv)
-    check_common_args(parser, args)
-    try:
-        encoder = load_encoder(
-            args.encoder,
-            random_init=args.random_init,
-            img_size=args.img_size,
-            checkpoint=args.checkpoint,
-            seed=args.seed,
-            device=args.device,
-            normalization=args.normalization,
-        )
-        res = knn_eval(
-            encoder,
-            args.train,
-            args.val,
-            ks=args.ks,
-            temperature=args.temperature,
-            feature=args.feature,
-            shots=args.shots,
-            tries=args.tries,
-            seed=args.seed,
-            img_size=args.img_size,
-            precision=args.precision,
-            batch_size=args.batch_size,
-            device=args.device,
-            workers=args.workers,
-            cache_dir=args.cache_dir,
-            progress=not args.no_progress,
-        )
-    except (FileNotFoundError, ValueError) as err:
-        parser.error(str(err))
-    print(format_knn(res))
-    if args.json is not None:
-        print(f"wrote {write_json(args.json, res)}")
-    return 0
-
+from mimkit.cli.knn import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,96 +1,16 @@
-"""Linear probe of a frozen encoder: MAE's protocol (--preset mae) or DINOv2's head grid (--preset grid).
+"""Linear probe of a frozen encoder (MAE's, DINOv2's grid): ``python tools/linear_probe.py ...``.
 
-    python tools/linear_probe.py --encoder export/ --train folder:/data/imagenet --preset mae
-    python tools/linear_probe.py --encoder export/ --train folder:/data/imagenet --preset grid
-    python tools/linear_probe.py --encoder runs/demo --train "synthetic:shapes?train=2000&val=500" \\
-        --preset mae --cached --effective-batch 256
-
-mae: BN (no affine) + linear on the cls token, LARS, lr = 0.1 x effective batch / 256, 90 epochs
-with 10 warm-up (epochs / 9 when --epochs is given alone), effective batch 16384 reached by
-accumulating --batch-size forward passes; training images get MAE's RandomResizedCrop + flip.
-grid: 104 heads (last 1 or 4 cls tokens, with or without the patch mean, 13 lrs, with or without
-BN) on one frozen forward per batch; the head is picked on a validation split carved from the
-training set and scored on the val split of --val. --cached trains on centre-crop features
-extracted once: much faster, and labelled as a different protocol.
+A thin wrapper: the arguments, examples and ``main`` live in :mod:`mimkit.cli.linear_probe`, which
+``mimkit linear-probe ...`` runs where mimkit is installed; this file runs it from a checkout
+without installing.
 """
 
-from __future__ import annotations
-
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from mimkit.eval.common import add_eval_args, check_common_args, write_json  # noqa: E402
-from mimkit.eval.features import load_encoder  # noqa: E402
-from mimkit.eval.linear_probe import PRESETS, format_linear_probe, linear_probe, preset_settings  # noqa: E402
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_eval_args(
-        parser,
-        batch_size=None,
-        batch_size_help="images per forward pass: mae accumulates them up to --effective-batch (its "
-        "BatchNorm sees one pass: 512), grid trains on them (1024, its lrs scale with it); feature "
-        "extraction uses it too (256)",
-    )
-    parser.add_argument("--preset", choices=PRESETS, default="mae", help="protocol (%(default)s)")
-    parser.add_argument("--cached", action="store_true", help="train on centre-crop features extracted once")
-    parser.add_argument("--epochs", type=int, default=None, help="training epochs (mae 90, grid 10)")
-    parser.add_argument("--warmup-epochs", type=float, default=None, help="mae: warm-up epochs (epochs / 9)")
-    parser.add_argument("--effective-batch", type=int, default=None, help="mae: images per step (16384)")
-    parser.add_argument("--blr", type=float, default=None, help="mae: base lr, lr = blr x batch / 256 (0.1)")
-    parser.add_argument(
-        "--epoch-length", type=int, default=None, help="grid: iterations per epoch (1250; 0 = one pass)"
-    )
-    parser.add_argument("--val-fraction", type=float, default=None, help="grid: carved selection split (0.1)")
-    args = parser.parse_args(argv)
-    check_common_args(parser, args)
-    mae_only = {"warmup_epochs": args.warmup_epochs, "effective_batch": args.effective_batch, "blr": args.blr}
-    grid_only = {"epoch_length": args.epoch_length, "val_fraction": args.val_fraction}
-    given, other = (mae_only, grid_only) if args.preset == "mae" else (grid_only, mae_only)
-    wrong = [f"--{k.replace('_', '-')}" for k, v in other.items() if v is not None]
-    if wrong:
-        parser.error(f"{', '.join(wrong)} do not apply to --preset {args.preset}")
-    try:
-        settings = preset_settings(
-            args.preset, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, **given
-        )
-        encoder = load_encoder(
-            args.encoder,
-            random_init=args.random_init,
-            img_size=args.img_size,
-            checkpoint=args.checkpoint,
-            seed=args.seed,
-            device=args.device,
-            normalization=args.normalization,
-        )
-        res = linear_probe(
-            encoder,
-            args.train,
-            args.val,
-            preset=args.preset,
-            cached=args.cached,
-            settings=settings,
-            img_size=args.img_size,
-            precision=args.precision,
-            feature_batch_size=args.batch_size or 256,
-            device=args.device,
-            workers=args.workers,
-            cache_dir=args.cache_dir,
-            progress=not args.no_progress,
-        )
-    except (FileNotFoundError, ValueError) as err:
-        parser.error(str(err))
-    print(format_linear_probe(res))
-    if args.json is not None:
-        print(f"wrote {write_json(args.json, res)}")
-    return 0
-
+from mimkit.cli.linear_probe import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,70 +1,16 @@
-"""Write a mimkit source as webdataset tar shards: ``python tools/make_shards.py SOURCE OUT_DIR``.
+"""Write a source as webdataset shards: ``python tools/make_shards.py SOURCE OUT_DIR``.
 
-Examples::
-
-    python tools/make_shards.py folder:/data/imagenet /data/in1k-wds --split train --shard-size 1000 \\
-        --format jpg --max-side 320
-    python tools/make_shards.py "synthetic:shapes?size=64&train=4096" /tmp/shapes-wds --shard-size 256
-
-Writes ``OUT_DIR/PREFIX-000000.tar ...`` and ``OUT_DIR/PREFIX-index.json`` (PREFIX defaults to the
-split); train on them with ``data.source=wds:OUT_DIR/PREFIX-index.json``. Running the same command
-again after an interruption keeps the complete shards and writes the rest. The index is printed.
+A thin wrapper: the arguments, examples and ``main`` live in :mod:`mimkit.cli.make_shards`, which
+``mimkit make-shards ...`` runs where mimkit is installed; this file runs it from a checkout without
+installing.
 """
 
-from __future__ import annotations
-
-import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from mimkit.data.shards import IMAGE_FORMATS, write_shards  # noqa: E402
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Write a mimkit source as resumable webdataset tar shards.")
-    parser.add_argument("source", help="a source URI: folder:/data/imagenet, synthetic:shapes?size=64 ...")
-    parser.add_argument("out_dir", help="folder for the shards and their JSON index")
-    parser.add_argument("--split", default="train", help="split of the source to write (default: train)")
-    parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default: 1000)")
-    parser.add_argument("--prefix", help="shard file name prefix (default: the split)")
-    parser.add_argument(
-        "--format", default="png", choices=IMAGE_FORMATS, help="image encoding: png (lossless) or jpg (q95)"
-    )
-    parser.add_argument(
-        "--max-side", type=int, help="re-encode images whose longer side exceeds this many pixels"
-    )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return parser.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        index = write_shards(
-            args.source,
-            args.out_dir,
-            shard_size=args.shard_size,
-            split=args.split,
-            prefix=args.prefix,
-            image_format=args.format,
-            max_side=args.max_side,
-            progress=not args.no_progress,
-        )
-    except (ValueError, FileNotFoundError) as err:
-        print(f"make_shards: {err}", file=sys.stderr)
-        return 2
-    prefix = args.prefix or args.split
-    print(
-        f"{index['samples']} samples in {len(index['shards'])} shards; "
-        f"source: wds:{Path(args.out_dir) / (prefix + '-index.json')}",
-        file=sys.stderr,
-    )
-    print(json.dumps({k: v for k, v in index.items() if k != "shards"} | {"shards": len(index["shards"])}))
-    return 0
-
+from mimkit.cli.make_shards import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

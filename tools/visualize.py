@@ -1,101 +1,16 @@
-"""Pictures of a pretraining run.
+"""Pictures of a pretraining run: ``python tools/visualize.py recon|curves|masks ...``.
 
-    python tools/visualize.py recon RUN_DIR [--num 8] [--seed 0] [--out PATH]
-    python tools/visualize.py curves RUN_DIR [--out PATH]
-    python tools/visualize.py masks [--type colornoise --color green] [--ratio 0.75] [--out PATH]
-
-``recon`` draws original / masked input / reconstruction / reconstruction pasted into the
-visible patches for validation images of the run's own data source; ``curves`` plots every
-metric of ``metrics.jsonl`` against the step. Both write a PNG into the run directory by default.
-``masks`` needs no run: it draws sample masks of every ColorMAE colour next to random and block
-masks (or of the one ``--type``/``--color`` chosen, next to those two) with their power
-spectra, into ``masks.png`` by default.
+A thin wrapper: the arguments, examples and ``main`` live in :mod:`mimkit.cli.visualize`, which
+``mimkit visualize ...`` runs where mimkit is installed; this file runs it from a checkout without
+installing.
 """
 
-from __future__ import annotations
-
-import argparse
 import sys
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from mimkit.data import build_source, build_transform  # noqa: E402
-from mimkit.ssl import masking  # noqa: E402
-from mimkit.visualize import default_mask_kinds, plot_curves, plot_masks, reconstruct, save_recon_grid  # noqa: E402
-
-
-def recon(run_dir: Path, num: int, seed: int, out: Path | None) -> Path:
-    from mimkit.train import load_method, load_recipe
-
-    method = load_method(run_dir).eval()
-    recipe = load_recipe(run_dir / "recipe.yaml", check_data=False)
-    img_size = method.encoder.config["img_size"][0]
-    norm = recipe.normalization  # the run's own (data.mean / std: auto were resolved into recipe.yaml)
-    val = build_source(recipe.data.source, split="val", transform=build_transform("eval", img_size, norm))
-    images = torch.stack([val[i]["image"] for i in range(min(num, len(val)))])
-    mean, std = torch.tensor(norm.mean), torch.tensor(norm.std)
-    pictures = reconstruct(method, images, mean, std, seed=seed)
-    return save_recon_grid(pictures, out or run_dir / "reconstructions.png")
-
-
-def mask_kinds(kind: str | None, color: str | None, ratio: float) -> dict[str, dict]:
-    """All default kinds, or the chosen one followed by random and block masks for reference."""
-    if kind is None and color is None:
-        return default_mask_kinds(ratio)
-    cfg = {"type": kind or "colornoise", "ratio": ratio}
-    if color is not None:
-        cfg["color"] = color
-    label = f"{cfg['type']} {color}" if color else cfg["type"]
-    kinds = {label: cfg}
-    for reference in ("random", "block"):
-        if reference != cfg["type"]:
-            kinds[reference] = {"type": reference, "ratio": ratio}
-    return kinds
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("what", choices=["recon", "curves", "masks"])
-    parser.add_argument("run_dir", type=Path, nargs="?", help="run directory (recon, curves)")
-    parser.add_argument("--num", type=int, default=8, help="validation images to reconstruct / masks per row")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the masks drawn")
-    parser.add_argument("--out", type=Path, default=None, help="PNG path (default: in RUN_DIR, or masks.png)")
-    parser.add_argument("--type", default=None, help="masks: one mask type to draw (default: all colours)")
-    parser.add_argument("--color", default=None, help="masks: noise colour of a colornoise mask")
-    parser.add_argument("--ratio", type=float, default=0.75, help="masks: mask ratio")
-    parser.add_argument("--grid", type=int, default=14, help="masks: patches per side")
-    args = parser.parse_args(argv)
-    if args.what == "masks":
-        if args.run_dir is not None:
-            parser.error("masks takes no RUN_DIR")
-        if args.type is not None and args.type not in masking.list_masks():
-            parser.error(f"unknown mask type {args.type!r}; valid: {', '.join(masking.list_masks())}")
-        if args.color is not None and args.type not in (None, "colornoise"):
-            parser.error(f"--color is an option of colornoise masks, not of {args.type!r}")
-        kinds = mask_kinds(args.type, args.color, args.ratio)
-        try:
-            path = plot_masks(
-                args.out or Path("masks.png"), kinds, (args.grid, args.grid), args.num, args.seed
-            )
-        except ValueError as err:
-            parser.error(str(err))
-        print(f"wrote {path}")
-        return
-    if args.run_dir is None:
-        parser.error(f"{args.what} needs a RUN_DIR")
-    if not args.run_dir.is_dir():
-        parser.error(f"run directory {args.run_dir} does not exist")
-    if args.what == "recon":
-        path = recon(args.run_dir, args.num, args.seed, args.out)
-    else:
-        path = plot_curves(args.run_dir / "metrics.jsonl", args.out or args.run_dir / "curves.png")
-    print(f"wrote {path}")
-
+from mimkit.cli.visualize import main  # noqa: E402
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

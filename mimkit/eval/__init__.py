@@ -4,8 +4,9 @@ in-context segmentation (dense retrieval) and classification.
 Importing this package also registers the ``voc:`` and ``ade20k:`` segmentation sources
 (:mod:`mimkit.eval.seg_data`).
 
-Every protocol reads features after the encoder's final norm (:mod:`mimkit.eval.features`) and
-returns a result dict ``{"tool", "protocol", "encoder", "data", "settings", "results"}`` that
+Every protocol reads features after the encoder's final norm (:mod:`mimkit.eval.features`), runs
+its forward passes as one :class:`ExtractSettings` says (``extract=``; :mod:`mimkit.eval.settings`)
+and returns a result dict ``{"tool", "protocol", "encoder", "data", "settings", "results"}`` that
 the tools print as a table and write as JSON (:mod:`mimkit.eval.common`).
 """
 
@@ -53,13 +54,16 @@ from mimkit.eval.linear_probe import (
     train_grid_probe,
     train_mae_probe,
 )
+from mimkit.eval.settings import PRECISIONS, ExtractSettings
 
 __all__ = [
     "DINOV2_LRS",
     "KNN_KS",
     "KNN_TEMPERATURE",
     "LARS",
+    "PRECISIONS",
     "PRESETS",
+    "ExtractSettings",
     "GridProbe",
     "LinearHead",
     "MemoryBank",

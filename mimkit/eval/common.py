@@ -5,6 +5,8 @@ directory), ``--train SOURCE`` and ``--val SOURCE`` (the val split of ``--train`
 ``--device``, ``--batch-size``, ``--json PATH``, ``--random-init`` (an untrained encoder of the
 same shape, the floor every result is read against), ``--img-size`` (the encoder's by default) and
 ``--mean`` / ``--std`` (the input normalisation; by default the one the encoder export records).
+:func:`check_common_args` turns them into ``args.normalization`` (for ``load_encoder``) and
+``args.extract``, the :class:`~mimkit.eval.settings.ExtractSettings` every protocol takes.
 A result is a dict ``{"tool", "protocol", "encoder", "data", "settings", "results", ...}``.
 """
 
@@ -23,6 +25,7 @@ import torch
 
 import mimkit
 from mimkit.data.transforms import Normalization
+from mimkit.eval.settings import PRECISIONS, ExtractSettings
 
 
 def default_device() -> str:
@@ -68,7 +71,7 @@ def add_eval_args(
     )
     parser.add_argument(
         "--precision",
-        choices=("fp32", "bf16", "fp16"),
+        choices=tuple(PRECISIONS),
         default="fp32",
         help="autocast dtype of the frozen forward passes (default: %(default)s; bf16 is about twice as "
         "fast on CPUs with AVX512-BF16 or AMX)",
@@ -102,13 +105,12 @@ def add_eval_args(
 
 
 def check_common_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Reject bad shared arguments with a message naming the value."""
-    if args.batch_size is not None and args.batch_size < 1:
-        parser.error(f"--batch-size {args.batch_size} must be positive")
-    if args.img_size is not None and args.img_size < 1:
-        parser.error(f"--img-size {args.img_size} must be positive")
-    if args.workers < 0:
-        parser.error(f"--workers {args.workers} must be non-negative")
+    """Reject bad shared arguments with a message naming the value; set ``args.extract`` and
+    ``args.normalization`` (None: the encoder export's)."""
+    try:
+        args.extract = ExtractSettings.from_args(args)
+    except ValueError as err:
+        parser.error(str(err))
     if (args.mean is None) != (args.std is None):
         parser.error("--mean and --std go together: give both (one value per input channel) or neither")
     if args.mean is not None:

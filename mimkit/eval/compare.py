@@ -20,8 +20,6 @@ from collections.abc import Sequence
 from dataclasses import asdict, replace
 from typing import Any
 
-import torch
-
 from mimkit.data import build_source, build_transform
 from mimkit.data.transforms import Normalization
 from mimkit.eval.common import data_info, format_table, result, write_json
@@ -35,6 +33,7 @@ from mimkit.eval.features import (
 )
 from mimkit.eval.knn import KNN_KS, KNN_TEMPERATURE, knn_top1
 from mimkit.eval.linear_probe import MaeProbe, train_mae_probe
+from mimkit.eval.settings import ExtractSettings
 
 COMPARE_PROBE = MaeProbe(effective_batch=256, batch_size=256, blr=1.0)  # see the module docstring
 
@@ -44,20 +43,15 @@ def compare_encoders(
     train_source: str,
     val_source: str | None = None,
     *,
-    img_size: int | None = None,
     ks: Sequence[int] = KNN_KS,
     temperature: float = KNN_TEMPERATURE,
     checkpoint: str | os.PathLike | None = None,
     probe: MaeProbe = COMPARE_PROBE,
-    precision: str = "fp32",
-    batch_size: int = 256,
-    device: str | torch.device = "cpu",
-    workers: int = 0,
     seed: int = 0,
     normalization: Normalization | None = None,
+    extract: ExtractSettings | None = None,
     json_path: str | os.PathLike | None = None,
     verbose: bool = True,
-    progress: bool = True,
 ) -> dict[str, Any]:
     """k-NN and the cached MAE linear probe for ``encoder`` and for a random init of its shape.
 
@@ -68,9 +62,11 @@ def compare_encoders(
             the train split of ``train_source``, the scored images the val split of ``val_source``
             (default: ``train_source``).
         probe: the linear-probe settings (MAE's at effective batch 256 and blr 1.0 by default).
-        precision: autocast dtype of the frozen forward passes, ``fp32``, ``bf16`` or ``fp16``.
         seed: seed of the random init and of the probe.
         normalization: replaces the encoder's recorded input normalisation (both encoders).
+        extract: how features are computed; both encoders are loaded at its ``img_size`` on its
+            device and share one pass over the images, so there is no feature cache
+            (``cache_dir`` is an error) and ``n_last_blocks`` is 1 (the cls token).
         json_path: also write the result there.
         verbose: print the side-by-side table.
 
@@ -79,11 +75,18 @@ def compare_encoders(
         ``{"knn": {k: top-1 %}, "linear_probe": top-1 %, "linear_probe_per_epoch": [...]}``.
     """
     start = time.perf_counter()
+    extract = extract or ExtractSettings()
+    if extract.cache_dir is not None:
+        raise ValueError(
+            f"cache_dir={str(extract.cache_dir)!r} does not apply: both encoders share one pass over the "
+            "images"
+        )
+    device = extract.device
     val_source = val_source or train_source
     encoders = {
         name: load_encoder(
             encoder,
-            img_size=img_size,
+            img_size=extract.img_size,
             checkpoint=None if random_init else checkpoint,
             random_init=random_init,
             seed=seed,
@@ -92,22 +95,14 @@ def compare_encoders(
         )
         for name, random_init in (("pretrained", False), ("random init", True))
     }
-    img_size = img_size or encoders["pretrained"].patch_embed.img_size[0]
+    extract = replace(extract, img_size=extract.image_size(encoders["pretrained"]), n_last_blocks=1)
+    img_size = extract.img_size
     transform = build_transform("eval", img_size, input_normalization(encoders["pretrained"]))
     feats, sizes, num_classes = {}, {}, 0
     for split, uri in (("train", train_source), ("val", val_source)):
         dataset = build_source(uri, split, transform)
         require_labels(dataset, uri, split)
-        feats[split] = extract_features(
-            encoders,
-            dataset,
-            precision=precision,
-            batch_size=batch_size,
-            device=device,
-            workers=workers,
-            progress=progress,
-            desc=f"features {split}",
-        )
+        feats[split] = extract_features(encoders, dataset, extract, desc=f"features {split}")
         sizes[split] = len(dataset)
         num_classes = max(num_classes, num_classes_of(dataset, feats[split]["pretrained"]["label"]))
     ks = sorted({k for k in ks if k <= sizes["train"]})
@@ -117,7 +112,7 @@ def compare_encoders(
         train, val = feats["train"][name], feats["val"][name]
         vote = dict(ks=ks, temperature=temperature, num_classes=num_classes, device=device)
         knn = knn_top1(train["cls"], train["label"], val["cls"], val["label"], **vote)
-        lin = train_mae_probe(train, val, num_classes, probe, device=device, progress=progress)
+        lin = train_mae_probe(train, val, num_classes, probe, device=device, progress=extract.progress)
         results[name] = {
             "knn": knn,
             "linear_probe": lin["top1"],
@@ -125,10 +120,11 @@ def compare_encoders(
         }
     plan = lin["plan"]
     settings = {
-        "precision": precision,
+        "precision": extract.precision,
         "knn": {"feature": "cls", "ks": ks, "temperature": temperature, "weights": "exp(similarity / T)"},
         "linear_probe": {"preset": "mae", "mode": "cached", **asdict(probe), **plan},
         "random_init": {"seed": seed, "init": "timm's VisionTransformer initialisation"},
+        "extract": extract.to_dict(),
     }
     data = data_info(train_source, val_source, img_size, sizes["train"], sizes["val"], num_classes)
     out = result(

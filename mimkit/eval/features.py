@@ -11,7 +11,9 @@ Three features per image, all taken after the encoder's final LayerNorm (DINO's 
 Encoders come from :func:`load_encoder` (an export, a run directory, or a registry name with a
 checkpoint; ``random_init`` gives an untrained encoder of the same shape). Features of a whole
 labelled source come from :func:`source_features`, optionally through an on-disk cache keyed by
-the encoder's weights, the source, the split and the transform.
+the encoder's weights, the source, the split and the transform. How the forward passes run
+(input size, blocks, precision, batch, device, workers, cache, progress) is one
+:class:`~mimkit.eval.settings.ExtractSettings`.
 """
 
 from __future__ import annotations
@@ -31,14 +33,12 @@ from tqdm import tqdm
 
 from mimkit.data import build_source, build_transform
 from mimkit.data.transforms import Normalization
+from mimkit.eval.settings import PRECISIONS, ExtractSettings
 from mimkit.models import Backbone, create_backbone, list_backbones, load_backbone
 from mimkit.models.backbone import ENCODER_CONFIG, ENCODER_WEIGHTS, OVERRIDABLE
 from mimkit.models.pos_embed import sincos_2d
 
 FEATURE_KEYS = ("cls", "patch_mean", "last_cls", "label")
-# Autocast dtypes of the frozen forward pass (MAE's probe and DINOv2's evaluations run under
-# autocast); features are returned in float32 whatever the precision.
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # ----------------------------------------------------------------------------- encoders
@@ -250,32 +250,29 @@ def _loader(dataset: Dataset, batch_size: int, workers: int, device: torch.devic
 def extract_features(
     encoder: Backbone | Mapping[str, Backbone],
     dataset: Dataset,
+    extract: ExtractSettings | None = None,
     *,
-    n_last_blocks: int = 1,
-    precision: str = "fp32",
-    batch_size: int = 256,
-    device: str | torch.device = "cpu",
-    workers: int = 0,
-    progress: bool = True,
     desc: str = "features",
 ) -> dict[str, torch.Tensor] | dict[str, dict[str, torch.Tensor]]:
     """Features of every sample of ``dataset`` (float32 on the CPU), plus ``label`` where it has one.
 
     ``encoder`` may be a mapping of names to encoders: they then share one pass over the data
     (images decoded and transformed once) and the result maps the same names to features.
+    ``extract`` gives the blocks, precision, batch, device, workers and progress bar; the
+    dataset's own transform decides the input (``img_size`` and ``cache_dir`` are not read).
     """
-    device = torch.device(device)
+    extract = extract or ExtractSettings()
+    device = torch.device(extract.device)
     encoders = dict(encoder) if isinstance(encoder, Mapping) else {"": encoder}
     for model in encoders.values():
         model.to(device).eval()
     parts: dict[str, dict[str, list[torch.Tensor]]] = {name: {} for name in encoders}
     labels: list[torch.Tensor] = []
-    for batch in tqdm(
-        _loader(dataset, batch_size, workers, device), desc=desc, disable=not progress, leave=False
-    ):
+    loader = _loader(dataset, extract.batch_size, extract.workers, device)
+    for batch in tqdm(loader, desc=desc, disable=not extract.progress, leave=False):
         images = batch["image"].to(device, non_blocking=True)
         for name, model in encoders.items():
-            for key, value in encode(model, images, n_last_blocks, precision).items():
+            for key, value in encode(model, images, extract.n_last_blocks, extract.precision).items():
                 parts[name].setdefault(key, []).append(value.cpu())
         if "label" in batch:
             labels.append(batch["label"].long())
@@ -317,48 +314,27 @@ def cache_key(
 
 
 def source_features(
-    encoder: Backbone,
-    uri: str,
-    split: str,
-    *,
-    img_size: int | None = None,
-    n_last_blocks: int = 1,
-    precision: str = "fp32",
-    batch_size: int = 256,
-    device: str | torch.device = "cpu",
-    workers: int = 0,
-    cache_dir: str | os.PathLike | None = None,
-    progress: bool = True,
+    encoder: Backbone, uri: str, split: str, extract: ExtractSettings | None = None
 ) -> dict[str, torch.Tensor]:
     """Features of a labelled source's ``split`` under the evaluation transform (centre crop).
 
-    With ``cache_dir``, features are read from / written to ``cache_dir/<key>.safetensors``
-    (see :func:`cache_key`; written to a temporary name and renamed). Note that the key names the
-    source by its URI, so a folder whose images change under the same path needs a fresh cache.
+    ``extract`` says how (default :class:`~mimkit.eval.settings.ExtractSettings`: the encoder's
+    size, the last block, fp32, 256 images per pass on the CPU). With ``extract.cache_dir``,
+    features are read from / written to ``cache_dir/<key>.safetensors`` (see :func:`cache_key`;
+    written to a temporary name and renamed). Note that the key names the source by its URI, so a
+    folder whose images change under the same path needs a fresh cache.
     """
-    img_size = img_size or encoder.patch_embed.img_size[0]
-    transform = build_transform("eval", img_size, input_normalization(encoder))
+    extract = extract or ExtractSettings()
+    transform = build_transform("eval", extract.image_size(encoder), input_normalization(encoder))
     dataset = build_source(uri, split, transform)
     require_labels(dataset, uri, split)
     path = None
-    if cache_dir is not None:
-        path = (
-            Path(cache_dir)
-            / f"{cache_key(encoder, uri, split, transform, n_last_blocks, precision)}.safetensors"
-        )
+    if extract.cache_dir is not None:
+        key = cache_key(encoder, uri, split, transform, extract.n_last_blocks, extract.precision)
+        path = Path(extract.cache_dir) / f"{key}.safetensors"
         if path.is_file():
             return load_file(str(path))
-    feats = extract_features(
-        encoder,
-        dataset,
-        n_last_blocks=n_last_blocks,
-        precision=precision,
-        batch_size=batch_size,
-        device=device,
-        workers=workers,
-        progress=progress,
-        desc=f"features {split}",
-    )
+    feats = extract_features(encoder, dataset, extract, desc=f"features {split}")
     feats["num_classes"] = torch.tensor(num_classes_of(dataset, feats["label"]))
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from mimkit.data.transforms import Normalization
 from mimkit.eval.common import format_table, result, write_json
-from mimkit.eval.features import PRECISIONS, describe_encoder, input_normalization, load_encoder
+from mimkit.eval.features import describe_encoder, input_normalization, load_encoder
 from mimkit.eval.retrieval import (
     KEY_DTYPES,
     FaissIndex,
@@ -49,12 +49,15 @@ from mimkit.eval.retrieval import (
 )
 from mimkit.eval.seg_data import CROP_RATIO, CROP_SCALE, patch_class_fractions, seg_source
 from mimkit.eval.segmetrics import ConfusionMatrix
+from mimkit.eval.settings import PRECISIONS, ExtractSettings
 from mimkit.models import Backbone
 
 SAMPLERS = ("rare", "random", "none")
 DEFAULT_K = 30
 DEFAULT_TEMPERATURE = 0.02
 DEMO_SOURCE = "synthetic:shapes?size=64&train=256&val=128"
+# Dense retrieval keeps every patch token of a batch: 64 images per forward pass by default.
+SEG_EXTRACT = ExtractSettings(batch_size=64)
 
 
 @dataclass
@@ -147,19 +150,18 @@ def build_memory(
     sampler: str = "rare",
     seed: int = 0,
     key_dtype: str | None = None,
-    precision: str = "fp32",
-    batch_size: int = 64,
-    device: str | torch.device = "cpu",
-    workers: int = 0,
-    progress: bool = True,
+    extract: ExtractSettings | None = None,
 ) -> MemoryBank:
-    """The memory bank of ``dataset`` (samples with ``image`` and ``mask``), on ``device``.
+    """The memory bank of ``dataset`` (samples with ``image`` and ``mask``), on ``extract.device``.
 
-    ``dataset``'s own transform decides the augmentation; each of the ``aug_epochs`` passes draws
-    it from ``seed + pass`` (torch's RNG, forked so the caller's is untouched).
+    ``dataset``'s own transform decides the input and its augmentation; each of the
+    ``aug_epochs`` passes draws it from ``seed + pass`` (torch's RNG, forked so the caller's is
+    untouched). ``extract`` (default 64 images per pass) gives precision, batch, device, workers
+    and progress.
     """
     _check_settings(sampler, aug_epochs, memory_size, 1, 1.0)
-    device = torch.device(device)
+    extract = extract or SEG_EXTRACT
+    device = torch.device(extract.device)
     key_dtype = key_dtype or default_key_dtype(device)
     if key_dtype not in KEY_DTYPES:
         raise ValueError(f"unknown key dtype {key_dtype!r}; valid: {', '.join(KEY_DTYPES)}")
@@ -175,11 +177,11 @@ def build_memory(
     for epoch in range(aug_epochs):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed + epoch)
-            batches = _loader(dataset, batch_size, workers, device, seed + epoch)
+            batches = _loader(dataset, extract.batch_size, extract.workers, device, seed + epoch)
             desc = f"memory pass {epoch + 1}/{aug_epochs}"
-            for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
+            for batch in tqdm(batches, desc=desc, disable=not extract.progress, leave=False):
                 images = batch["image"].to(device, non_blocking=True)
-                tokens = patch_tokens(encoder, images, precision)
+                tokens = patch_tokens(encoder, images, extract.precision)
                 if tokens.shape[1] != n:
                     raise ValueError(
                         f"images of {tuple(images.shape[-2:])} px give {tokens.shape[1]} patches, not {n}"
@@ -263,27 +265,26 @@ def evaluate_memory(
     k: int = DEFAULT_K,
     temperature: float = DEFAULT_TEMPERATURE,
     backend: str = "torch",
-    precision: str = "fp32",
-    batch_size: int = 64,
-    device: str | torch.device = "cpu",
-    workers: int = 0,
     query_chunk: int | None = None,
     key_chunk: int | None = None,
-    progress: bool = True,
+    extract: ExtractSettings | None = None,
 ) -> ConfusionMatrix:
-    """Label every val image of ``dataset`` from ``memory`` and count it into a confusion matrix."""
+    """Label every val image of ``dataset`` from ``memory`` and count it into a confusion matrix.
+
+    ``extract`` (default 64 images per pass) gives precision, batch, device, workers and progress.
+    """
     _check_settings("none", 1, None, k, temperature)
     check_backend(backend)
-    device = torch.device(device)
+    extract = extract or SEG_EXTRACT
+    device = torch.device(extract.device)
     index = FaissIndex(memory.keys) if backend == "faiss" else None
     conf = ConfusionMatrix(num_classes, ignore_index, device=device)
     grid = tuple(encoder.patch_embed.grid_size)
     encoder.to(device).eval()
-    for batch in tqdm(
-        _loader(dataset, batch_size, workers, device, 0), desc="queries", disable=not progress, leave=False
-    ):
+    loader = _loader(dataset, extract.batch_size, extract.workers, device, 0)
+    for batch in tqdm(loader, desc="queries", disable=not extract.progress, leave=False):
         images = batch["image"].to(device, non_blocking=True)
-        tokens = patch_tokens(encoder, images, precision)
+        tokens = patch_tokens(encoder, images, extract.precision)
         b, n, d = tokens.shape
         queries = F.normalize(tokens.reshape(b * n, d), dim=-1)
         dist = patch_distributions(
@@ -358,30 +359,41 @@ def incontext_segmentation(
     backend: str = "torch",
     key_dtype: str | None = None,
     seed: int = 0,
-    precision: str = "fp32",
-    batch_size: int = 64,
-    device: str | torch.device = "cpu",
-    workers: int = 0,
     query_chunk: int | None = None,
     key_chunk: int | None = None,
-    progress: bool = True,
+    extract: ExtractSettings | None = None,
     log=print,
 ) -> dict[str, Any]:
     """Dense nearest-neighbour retrieval segmentation of ``encoder`` (see the module docstring).
 
     The memory is built from ``train_source``'s train split, the queries are ``val_source``'s
     (default: the same source's) val split, at the encoder's input size. ``augment=False`` builds
-    the memory from resized images instead of random crops and flips. ``log`` receives the memory
-    plan before anything is computed (``None`` to stay quiet). Returns a result dict.
+    the memory from resized images instead of random crops and flips. ``extract`` (default
+    :data:`SEG_EXTRACT`, 64 images per pass) gives precision, batch, device, workers and progress;
+    its ``img_size``, when set, must be the encoder's (load the encoder at the size you evaluate
+    at), and there is no feature cache (the memory is rebuilt from augmented images). ``log``
+    receives the memory plan before anything is computed (``None`` to stay quiet). Returns a
+    result dict.
     """
     start = time.perf_counter()
     _check_settings(sampler, aug_epochs, memory_size, k, temperature)
     check_backend(backend)
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+    extract = extract or SEG_EXTRACT
+    img_size = encoder.patch_embed.img_size[0]
+    if extract.img_size not in (None, img_size):
+        raise ValueError(
+            f"img_size={extract.img_size} differs from the encoder's input size {img_size}; load the "
+            f"encoder at that size (load_encoder(..., img_size={extract.img_size}))"
+        )
+    if extract.cache_dir is not None:
+        raise ValueError(
+            f"cache_dir={str(extract.cache_dir)!r} does not apply to in-context segmentation: the memory "
+            "bank is rebuilt from augmented images"
+        )
+    extract = replace(extract, img_size=img_size)
+    device = extract.device
     val_source = val_source or train_source
     key_dtype = key_dtype or default_key_dtype(device)
-    img_size = encoder.patch_embed.img_size[0]
     patch = encoder.patch_embed.patch_size[0]
     norm = input_normalization(encoder)
     mem_data, names, ignore = seg_source(
@@ -396,17 +408,14 @@ def incontext_segmentation(
     )  # fmt: skip
     if log is not None:
         log(describe_plan(plan, key_dtype, device))
-    common = dict(
-        precision=precision, batch_size=batch_size, device=device, workers=workers, progress=progress
-    )
     memory = build_memory(
         encoder, mem_data, len(names), ignore, memory_size=memory_size, aug_epochs=aug_epochs,
-        sampler=sampler, seed=seed, key_dtype=key_dtype, **common,
+        sampler=sampler, seed=seed, key_dtype=key_dtype, extract=extract,
     )  # fmt: skip
     built = time.perf_counter()
     conf = evaluate_memory(
         encoder, memory, val_data, len(names), ignore, k=k, temperature=temperature, backend=backend,
-        query_chunk=query_chunk, key_chunk=key_chunk, **common,
+        query_chunk=query_chunk, key_chunk=key_chunk, extract=extract,
     )  # fmt: skip
     metrics = conf.summary(names)
     settings = {
@@ -436,8 +445,9 @@ def incontext_segmentation(
         "search": "exact inner product, chunked matmul + top-k"
         if backend == "torch"
         else "faiss IndexFlatIP",
-        "precision": precision,
+        "precision": extract.precision,
         "seed": seed,
+        "extract": extract.to_dict(),
     }
     data = {
         "train": f"{train_source} [train split]",
@@ -485,35 +495,36 @@ def compare_incontext(
     train_source: str = DEMO_SOURCE,
     val_source: str | None = None,
     *,
-    img_size: int | None = None,
     checkpoint: str | os.PathLike | None = None,
     seed: int = 0,
-    device: str | torch.device = "cpu",
     normalization: Normalization | None = None,
+    extract: ExtractSettings | None = None,
     json_path: str | os.PathLike | None = None,
     verbose: bool = True,
     **kwargs: Any,
 ) -> dict[str, Any]:
     """Dense retrieval mIoU of ``encoder`` and of a random init of its shape, side by side (the demo's).
 
+    Both encoders are loaded at ``extract.img_size`` (default: the export's) on ``extract.device``;
     ``kwargs`` go to :func:`incontext_segmentation` (``memory_size``, ``aug_epochs``, ``k``, ...);
     ``normalization`` replaces the encoder's recorded input normalisation (both encoders).
     Returns ``{"pretrained": result, "random init": result}``; prints the table when ``verbose``.
     """
+    extract = extract or SEG_EXTRACT
     out = {}
     for name, random_init in (("pretrained", False), ("random init", True)):
         model = load_encoder(
             encoder,
             random_init=random_init,
-            img_size=img_size,
+            img_size=extract.img_size,
             checkpoint=checkpoint,
             seed=seed,
-            device=device,
+            device=extract.device,
             normalization=normalization,
         )
         log = print if verbose and name == "pretrained" else None
         out[name] = incontext_segmentation(
-            model, train_source, val_source, seed=seed, device=device, log=log, **kwargs
+            model, train_source, val_source, seed=seed, extract=extract, log=log, **kwargs
         )
     if json_path is not None:
         write_json(json_path, out)

@@ -17,8 +17,8 @@ Accuracy (%) is averaged over the episodes with a 95% interval ``mean +- 1.96 st
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from mimkit.eval.common import data_info, format_table, one_thread_on_cpu, result
 from mimkit.eval.features import describe_encoder, source_features
 from mimkit.eval.knn import FEW_SHOT_N, KNN_FEATURES, KNN_TEMPERATURE, draw_per_class, knn_top1
+from mimkit.eval.settings import ExtractSettings
 from mimkit.models import Backbone
 
 EPISODES = 10
@@ -107,38 +108,30 @@ def incontext_classification(
     temperature: float = KNN_TEMPERATURE,
     feature: str = "cls",
     seed: int = 0,
-    img_size: int | None = None,
-    precision: str = "fp32",
-    batch_size: int = 256,
-    device: str | torch.device = "cpu",
-    workers: int = 0,
-    cache_dir: str | os.PathLike | None = None,
-    progress: bool = True,
+    extract: ExtractSettings | None = None,
 ) -> dict[str, Any]:
     """In-context classification of ``encoder`` (see the module docstring); returns a result dict.
 
     Supports come from ``train_source``'s train split, queries are ``val_source``'s (default: the
-    same source's) val split, both centre-cropped (:func:`mimkit.eval.features.source_features`).
+    same source's) val split, both centre-cropped (:func:`mimkit.eval.features.source_features`,
+    run as ``extract`` says; the features are the last block's, so ``n_last_blocks`` is 1).
     """
     if feature not in KNN_FEATURES:
         raise ValueError(f"unknown feature {feature!r}; valid: {', '.join(KNN_FEATURES)}")
+    extract = extract or ExtractSettings()
+    extract = replace(extract, img_size=extract.image_size(encoder), n_last_blocks=1)
     val_source = val_source or train_source
-    img_size = img_size or encoder.patch_embed.img_size[0]
-    common = dict(
-        img_size=img_size, precision=precision, batch_size=batch_size, device=device, workers=workers,
-        cache_dir=cache_dir, progress=progress,
-    )  # fmt: skip
-    train = source_features(encoder, train_source, "train", **common)
-    val = source_features(encoder, val_source, "val", **common)
+    train = source_features(encoder, train_source, "train", extract)
+    val = source_features(encoder, val_source, "val", extract)
     num_classes = max(int(train["num_classes"]), int(val["num_classes"]))
-    with one_thread_on_cpu(device):  # supports of a few images per class: small kernels
+    with one_thread_on_cpu(extract.device):  # supports of a few images per class: small kernels
         results = incontext_episodes(
             train[feature], train["label"], val[feature], val["label"], shots=shots, episodes=episodes,
             seed=seed, k=k, temperature=temperature, num_classes=num_classes,
         )  # fmt: skip
     settings = {
         "feature": feature,
-        "precision": precision,
+        "precision": extract.precision,
         "shots": sorted(set(shots)),
         "episodes": episodes,
         "seed": seed,
@@ -146,8 +139,11 @@ def incontext_classification(
         "prototype": "CL2N (centre on the support mean, L2-normalise), class mean, max cosine",
         "knn": {"k": f"min({k}, support size)", "temperature": temperature, "weights": "exp(cosine / T)"},
         "interval": "95%: mean +- 1.96 std / sqrt(episodes), std with ddof 1",
+        "extract": extract.to_dict(),
     }
-    data = data_info(train_source, val_source, img_size, len(train["label"]), len(val["label"]), num_classes)
+    data = data_info(
+        train_source, val_source, extract.img_size, len(train["label"]), len(val["label"]), num_classes
+    )
     return result(
         "incontext", "in-context classification", describe_encoder(encoder), data, settings, results
     )

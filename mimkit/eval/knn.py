@@ -18,8 +18,8 @@ draws are reported.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from mimkit.eval.common import data_info, format_table, one_thread_on_cpu, result
 from mimkit.eval.features import describe_encoder, source_features
+from mimkit.eval.settings import ExtractSettings
 from mimkit.models import Backbone
 
 KNN_KS = (10, 20, 100, 200)
@@ -219,29 +220,24 @@ def knn_eval(
     shots: Sequence[int] = FEW_SHOT_N,
     tries: int = FEW_SHOT_TRIES,
     seed: int = 0,
-    img_size: int | None = None,
-    precision: str = "fp32",
-    batch_size: int = 256,
-    device: str | torch.device = "cpu",
-    workers: int = 0,
-    cache_dir: str | os.PathLike | None = None,
-    progress: bool = True,
+    extract: ExtractSettings | None = None,
 ) -> dict[str, Any]:
     """Weighted k-NN and few-shot k-NN of ``encoder``: bank = ``train_source``'s train split,
     queries = ``val_source``'s (default: the same source's) val split, both centre-cropped.
 
     ``feature`` is ``cls`` (DINO's) or ``patch_mean``; ``shots=()`` skips the few-shot part.
-    Returns a result dict (see :mod:`mimkit.eval.common`).
+    ``extract`` says how features are computed (its device also runs the search; both features
+    come from the last block, so ``n_last_blocks`` is 1). Returns a result dict (see
+    :mod:`mimkit.eval.common`).
     """
     if feature not in KNN_FEATURES:
         raise ValueError(f"unknown k-NN feature {feature!r}; valid: {', '.join(KNN_FEATURES)}")
+    extract = extract or ExtractSettings()
+    extract = replace(extract, img_size=extract.image_size(encoder), n_last_blocks=1)
+    device, progress = extract.device, extract.progress
     val_source = val_source or train_source
-    img_size = img_size or encoder.patch_embed.img_size[0]
-    common = dict(
-        img_size=img_size, batch_size=batch_size, device=device, workers=workers, cache_dir=cache_dir
-    )
-    train = source_features(encoder, train_source, "train", progress=progress, **common)
-    test = source_features(encoder, val_source, "val", progress=progress, **common)
+    train = source_features(encoder, train_source, "train", extract)
+    test = source_features(encoder, val_source, "val", extract)
     num_classes = max(int(train["num_classes"]), int(test["num_classes"]))
     args = (train[feature], train["label"], test[feature], test["label"])
     vote = dict(temperature=temperature, num_classes=num_classes, device=device)
@@ -253,7 +249,7 @@ def knn_eval(
             )
     settings = {
         "feature": feature,
-        "precision": precision,
+        "precision": extract.precision,
         "ks": sorted(set(ks)),
         "temperature": temperature,
         "similarity": "cosine (L2-normalised features)",
@@ -264,8 +260,11 @@ def knn_eval(
             "seed": seed,
             "ks": "{k in ks : k <= n} | {n}",
         },
+        "extract": extract.to_dict(),
     }
-    data = data_info(train_source, val_source, img_size, len(train["label"]), len(test["label"]), num_classes)
+    data = data_info(
+        train_source, val_source, extract.img_size, len(train["label"]), len(test["label"]), num_classes
+    )
     return result("knn", "dino-weighted-knn", describe_encoder(encoder), data, settings, results)
 
 

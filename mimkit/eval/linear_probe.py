@@ -31,9 +31,8 @@ augmentation): much faster, a different protocol, and labelled ``cached`` in eve
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 import torch
@@ -62,6 +61,7 @@ from mimkit.eval.probe_data import (
     cached_batches,
     probe_train_transform,
 )
+from mimkit.eval.settings import ExtractSettings
 from mimkit.models import Backbone
 
 PRESETS = ("mae", "grid")
@@ -422,35 +422,29 @@ def linear_probe(
     preset: str = "mae",
     cached: bool = False,
     settings: MaeProbe | GridProbe | None = None,
-    img_size: int | None = None,
-    precision: str = "fp32",
-    feature_batch_size: int = 256,
-    device: str | torch.device = "cpu",
-    workers: int = 0,
-    cache_dir: str | os.PathLike | None = None,
-    progress: bool = True,
+    extract: ExtractSettings | None = None,
 ) -> dict[str, Any]:
     """Probe ``encoder``: train on ``train_source``'s train split, score ``val_source``'s val split.
 
-    ``val_source`` defaults to ``train_source``. Returns a result dict (see :mod:`mimkit.eval.common`)
-    whose ``mode`` says ``augmented`` (the published protocol) or ``cached``.
+    ``val_source`` defaults to ``train_source``. ``settings`` are the probe's (their batch size is
+    the training batch); ``extract`` says how features are computed (its ``batch_size`` is the
+    feature-extraction batch, its device also trains the heads; ``n_last_blocks`` follows the
+    preset: 1 for ``mae``, the grid's largest for ``grid``). Returns a result dict (see
+    :mod:`mimkit.eval.common`) whose ``mode`` says ``augmented`` (the published protocol) or ``cached``.
     """
     settings = settings or preset_settings(preset)
     if not isinstance(settings, MaeProbe if preset == "mae" else GridProbe):
         raise ValueError(f"settings {type(settings).__name__} do not belong to the {preset!r} preset")
-    device = torch.device(device)
-    val_source = val_source or train_source
-    img_size = img_size or encoder.patch_embed.img_size[0]
-    norm = input_normalization(encoder)
+    extract = extract or ExtractSettings()
     n_last = max(settings.n_last_blocks) if preset == "grid" else 1
-    loading = dict(batch_size=feature_batch_size, device=device, workers=workers, progress=progress)
-    extract = dict(
-        img_size=img_size, n_last_blocks=n_last, precision=precision, cache_dir=cache_dir, **loading
-    )
+    extract = replace(extract, img_size=extract.image_size(encoder), n_last_blocks=n_last)
+    device, progress, img_size = torch.device(extract.device), extract.progress, extract.img_size
+    val_source = val_source or train_source
+    norm = input_normalization(encoder)
     run = dict(device=device, progress=progress)
-    test = source_features(encoder, val_source, "val", **extract)
+    test = source_features(encoder, val_source, "val", extract)
     if cached:
-        train = source_features(encoder, train_source, "train", **extract)
+        train = source_features(encoder, train_source, "train", extract)
         num_train, num_classes = len(train["label"]), max(int(train["num_classes"]), int(test["num_classes"]))
         trainer = train_mae_probe if preset == "mae" else train_grid_probe
         out = trainer(train, test, num_classes, settings, **run)
@@ -459,15 +453,7 @@ def linear_probe(
         require_labels(plain, train_source, "train")
         num_train, num_classes = len(plain), max(num_classes_of(plain), int(test["num_classes"]))
         augmented = build_source(train_source, "train", probe_train_transform(preset, img_size, norm))
-        batches = augmented_batches(
-            augmented,
-            encoder,
-            n_last_blocks=n_last,
-            precision=precision,
-            device=device,
-            workers=workers,
-            seed=settings.seed,
-        )
+        batches = augmented_batches(augmented, encoder, extract, seed=settings.seed)
         if preset == "mae":
             out = run_mae_probe(batches, num_train, test, num_classes, settings, **run)
         else:
@@ -476,10 +462,7 @@ def linear_probe(
             centre = build_source(train_source, "train", build_transform("eval", img_size, norm))
 
             def selection(held: torch.Tensor) -> dict[str, torch.Tensor]:
-                subset = Subset(centre, held.tolist())
-                return extract_features(
-                    encoder, subset, n_last_blocks=n_last, precision=precision, desc="selection", **loading
-                )
+                return extract_features(encoder, Subset(centre, held.tolist()), extract, desc="selection")
 
             out = run_grid_probe(batches, labels, selection, test, num_classes, settings, **run)
     out.pop("head", None)
@@ -487,9 +470,10 @@ def linear_probe(
     settings_out = {
         "preset": preset,
         "mode": mode,
-        "precision": precision,
+        "precision": extract.precision,
         **asdict(settings),
         **out.pop("plan"),
+        "extract": extract.to_dict(),
     }
     data = data_info(train_source, val_source, img_size, num_train, len(test["label"]), num_classes)
     note = (

@@ -19,6 +19,7 @@ from torchvision.transforms import v2
 
 from mimkit.data.transforms import Normalization, ToChannels
 from mimkit.eval.features import encode
+from mimkit.eval.settings import ExtractSettings
 from mimkit.models import Backbone
 
 
@@ -129,29 +130,27 @@ def cached_batches(features: dict[str, torch.Tensor], device: str | torch.device
 
 
 def augmented_batches(
-    dataset: Any,
-    encoder: Backbone,
-    *,
-    n_last_blocks: int = 1,
-    precision: str = "fp32",
-    device: str | torch.device = "cpu",
-    workers: int = 0,
-    seed: int = 0,
+    dataset: Any, encoder: Backbone, extract: ExtractSettings | None = None, *, seed: int = 0
 ) -> Batches:
-    """Batches of freshly augmented images through the frozen encoder, one forward pass each."""
-    device = torch.device(device)
+    """Batches of freshly augmented images through the frozen encoder, one forward pass each.
+
+    ``extract`` gives the blocks, precision, device and workers; the batch size is the probe's
+    (the second argument of the returned batch source), and ``seed`` seeds the workers' augmentations.
+    """
+    extract = extract or ExtractSettings()
+    device = torch.device(extract.device)
 
     def batches(order: SampleOrder, batch_size: int):
         loader = DataLoader(
             dataset,
             batch_size=batch_size,
             sampler=order,
-            num_workers=workers,
+            num_workers=extract.workers,
             pin_memory=device.type == "cuda",
             generator=torch.Generator().manual_seed(seed),  # base seed of the workers' augmentations
         )
         for batch in loader:
             images = batch["image"].to(device, non_blocking=True)
-            yield encode(encoder, images, n_last_blocks, precision), batch["label"].to(device)
+            yield encode(encoder, images, extract.n_last_blocks, extract.precision), batch["label"].to(device)
 
     return batches

@@ -5,7 +5,14 @@ import json
 import pytest
 import torch
 
-from mimkit.eval import encode, encoder_digest, extract_features, load_encoder, source_features
+from mimkit.eval import (
+    ExtractSettings,
+    encode,
+    encoder_digest,
+    extract_features,
+    load_encoder,
+    source_features,
+)
 from mimkit.eval import features as features_module
 from mimkit.models import create_backbone, save_backbone
 
@@ -28,7 +35,7 @@ def test_features_match_a_hand_computed_forward():
     model = create_backbone("vit_tiny_patch16", pos_embed="learn", **TINY).eval()
     images = torch.randn(5, 3, 32, 32)
     dataset = [{"image": img, "label": torch.tensor(i % 3)} for i, img in enumerate(images)]
-    feats = extract_features(model, dataset, n_last_blocks=2, batch_size=2, progress=False)
+    feats = extract_features(model, dataset, ExtractSettings(n_last_blocks=2, batch_size=2, progress=False))
 
     with torch.no_grad():
         normed = _hand_forward(model, images)
@@ -56,8 +63,9 @@ def test_several_encoders_share_one_pass_and_unlabelled_data_has_no_label():
     a = create_backbone("vit_tiny_patch16", **TINY).eval()
     b = create_backbone("vit_tiny_patch16", **TINY).eval()
     dataset = [{"image": torch.randn(3, 32, 32)} for _ in range(3)]
-    both = extract_features({"a": a, "b": b}, dataset, batch_size=2, progress=False)
-    torch.testing.assert_close(both["a"]["cls"], extract_features(a, dataset, progress=False)["cls"])
+    both = extract_features({"a": a, "b": b}, dataset, ExtractSettings(batch_size=2, progress=False))
+    alone = extract_features(a, dataset, ExtractSettings(progress=False))
+    torch.testing.assert_close(both["a"]["cls"], alone["cls"])
     assert "label" not in both["b"] and not torch.allclose(both["a"]["cls"], both["b"]["cls"])
 
 
@@ -123,7 +131,8 @@ def test_source_features_are_cached_by_encoder_and_data(export, tmp_path, monkey
     path, _ = export
     model = load_encoder(path)
     uri = "synthetic:shapes?size=32&train=6&val=4"
-    first = source_features(model, uri, "val", cache_dir=tmp_path / "cache", progress=False)
+    cached = ExtractSettings(cache_dir=tmp_path / "cache", progress=False)
+    first = source_features(model, uri, "val", cached)
     assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
     assert int(first["num_classes"]) == 7 and len(first["label"]) == 4
 
@@ -131,8 +140,8 @@ def test_source_features_are_cached_by_encoder_and_data(export, tmp_path, monkey
         raise AssertionError("the cache was not used")
 
     monkeypatch.setattr(features_module, "extract_features", fail)
-    again = source_features(model, uri, "val", cache_dir=tmp_path / "cache", progress=False)
+    again = source_features(model, uri, "val", cached)
     torch.testing.assert_close(again["cls"], first["cls"])
     with pytest.raises(AssertionError, match="cache was not used"):  # another split is another key
-        source_features(model, uri, "train", cache_dir=tmp_path / "cache", progress=False)
+        source_features(model, uri, "train", cached)
     assert json.loads((path / "encoder.json").read_text())["name"] == "vit_tiny_patch16"

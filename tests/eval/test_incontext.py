@@ -1,6 +1,6 @@
 """In-context segmentation (dense retrieval) and classification on tiny encoders and tiny data."""
 
-import importlib.util
+import importlib
 import json
 from pathlib import Path
 
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from mimkit.data import build_source
-from mimkit.eval import incontext_segmentation
+from mimkit.eval import ExtractSettings, incontext_segmentation
 from mimkit.eval.incontext import benchmark_incontext, build_memory, evaluate_memory, select_patches
 from mimkit.eval.incontext_cls import incontext_episodes, interval, prototype_top1
 from mimkit.eval.seg_data import patch_class_fractions, seg_source
@@ -21,8 +21,8 @@ from tests.eval import single_thread as _single_thread
 
 single_thread = pytest.fixture(autouse=True)(_single_thread)
 
-REPO = Path(__file__).resolve().parents[2]
 DATA = "synthetic:shapes?size=32&train=12&val=10"
+QUIET = ExtractSettings(batch_size=64, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -100,31 +100,31 @@ def _oracle_miou(dataset, patch: int, num_classes: int) -> float:
 
 def test_self_retrieval_reaches_the_patch_quantisation_bound(encoder):
     val, names, ignore = seg_source(DATA, "val", "val", 32)
-    memory = build_memory(encoder, val, len(names), ignore, progress=False)
+    memory = build_memory(encoder, val, len(names), ignore, extract=QUIET)
     assert len(memory) == len(val) * 64
-    conf = evaluate_memory(encoder, memory, val, len(names), ignore, k=1, temperature=1e-4, progress=False)
+    conf = evaluate_memory(encoder, memory, val, len(names), ignore, k=1, temperature=1e-4, extract=QUIET)
     bound = _oracle_miou(val, 4, len(names))
     assert 0.6 < bound < 0.95  # 4-px patches on 32-px shapes lose their boundaries
     assert conf.miou() == pytest.approx(bound, abs=1e-9)
     # A memory of other images cannot do as well.
     train, _, _ = seg_source(DATA, "train", "val", 32)
-    other = build_memory(encoder, train, len(names), ignore, progress=False)
-    worse = evaluate_memory(encoder, other, val, len(names), ignore, k=1, temperature=1e-4, progress=False)
+    other = build_memory(encoder, train, len(names), ignore, extract=QUIET)
+    worse = evaluate_memory(encoder, other, val, len(names), ignore, k=1, temperature=1e-4, extract=QUIET)
     assert worse.miou() < bound - 0.05
 
 
 def test_a_cap_at_least_the_patch_count_equals_an_unbounded_memory(encoder):
     train, names, ignore = seg_source(DATA, "train", "memory", 32)
     val, _, _ = seg_source(DATA, "val", "val", 32)
-    kw = dict(aug_epochs=2, seed=3, progress=False)
+    kw = dict(aug_epochs=2, seed=3, extract=QUIET)
     unbounded = build_memory(encoder, train, len(names), ignore, memory_size=None, **kw)
     total = len(train) * 2 * 64
     assert len(unbounded) == total
     for sampler in ("none", "rare"):
         capped = build_memory(encoder, train, len(names), ignore, memory_size=total, sampler=sampler, **kw)
         assert torch.equal(capped.keys, unbounded.keys) and torch.equal(capped.values, unbounded.values)
-    a = evaluate_memory(encoder, unbounded, val, len(names), ignore, progress=False)
-    b = evaluate_memory(encoder, capped, val, len(names), ignore, progress=False)
+    a = evaluate_memory(encoder, unbounded, val, len(names), ignore, extract=QUIET)
+    b = evaluate_memory(encoder, capped, val, len(names), ignore, extract=QUIET)
     assert torch.equal(a.conf, b.conf)
     # A smaller cap keeps memory_size // (images x passes) patches per image and pass.
     small = build_memory(encoder, train, len(names), ignore, memory_size=total // 4, **kw)
@@ -136,7 +136,7 @@ def test_a_cap_at_least_the_patch_count_equals_an_unbounded_memory(encoder):
 
 def test_incontext_segmentation_records_every_setting(encoder):
     lines = []
-    res = incontext_segmentation(encoder, DATA, memory_size=100, k=5, progress=False, log=lines.append)
+    res = incontext_segmentation(encoder, DATA, memory_size=100, k=5, extract=QUIET, log=lines.append)
     assert lines and lines[0].startswith("memory bank: up to 96 patches x 32 dims (fp32 keys)")
     s = res["settings"]
     required = (
@@ -165,7 +165,7 @@ def test_incontext_segmentation_records_every_setting(encoder):
         "star",
     }
     with pytest.raises(ValueError, match="unknown sampler 'often'; valid: rare, random, none"):
-        incontext_segmentation(encoder, DATA, sampler="often", progress=False, log=None)
+        incontext_segmentation(encoder, DATA, sampler="often", extract=QUIET, log=None)
 
 
 # ----------------------------------------------------------------------------- VOC / ADE20K layouts
@@ -201,7 +201,7 @@ def test_voc_and_ade20k_layouts_and_their_ignore_labels(tmp_path, encoder):
     assert len(voc) == 2
     mask = voc[0]["mask"]
     assert set(mask.unique().tolist()) == {0, 15, 255}
-    res = incontext_segmentation(encoder, f"voc:{tmp_path}", k=3, progress=False, log=None)
+    res = incontext_segmentation(encoder, f"voc:{tmp_path}", k=3, extract=QUIET, log=None)
     assert res["settings"]["ignore_index"] == 255 and res["data"]["num_classes"] == 21
     assert res["results"]["pixels"] == 32 * 32 - 32  # one void row (at 24 px) becomes 32 / 24 rows at 32 px
 
@@ -240,10 +240,7 @@ def test_interval_is_the_normal_95_percent_interval():
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("_tool_incontext", REPO / "tools" / "incontext.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("mimkit.cli.incontext")
 
 
 def test_tool_seg_vs_random_and_cls_write_their_json(encoder, tmp_path, capsys):

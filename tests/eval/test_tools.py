@@ -1,6 +1,8 @@
-"""tools/knn.py, tools/linear_probe.py and tools/compare_random.py on a tiny encoder and tiny data."""
+"""The knn, linear_probe and compare_random commands (mimkit.cli, and tools/ run as scripts) on a tiny
+encoder and tiny data."""
 
-import importlib.util
+import dataclasses
+import importlib
 import json
 import os
 import subprocess
@@ -11,6 +13,7 @@ import pytest
 import torch
 
 from mimkit.data import SOURCE_SCHEMES
+from mimkit.eval import ExtractSettings
 from mimkit.models import create_backbone, save_backbone
 from tests.eval import single_thread as _single_thread
 
@@ -29,10 +32,8 @@ def encoder(tmp_path_factory) -> Path:
 
 
 def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"_tool_{name}", REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The command's module, :mod:`mimkit.cli.<name>` (``tools/<name>.py`` is a wrapper over it)."""
+    return importlib.import_module(f"mimkit.cli.{name}")
 
 
 def _run(name: str, *args: str) -> subprocess.CompletedProcess:
@@ -54,6 +55,9 @@ def test_knn_tool_writes_the_json(encoder, tmp_path):
     assert set(res["results"]["few_shot"]["2"]["2"]) == {"mean", "std", "tries"}
     assert res["settings"]["temperature"] == 0.07 and res["data"]["num_train"] == 48
     assert res["encoder"]["random_init"] is False and res["encoder"]["config"]["embed_dim"] == 32
+    extract = res["settings"]["extract"]  # the shared arguments, as ExtractSettings recorded them
+    assert set(extract) == set(dataclasses.asdict(ExtractSettings())) - {"progress"}
+    assert (extract["img_size"], extract["batch_size"], extract["workers"]) == (32, 256, 0)
 
 
 def test_linear_probe_tool_runs_maes_augmented_protocol(encoder, tmp_path):

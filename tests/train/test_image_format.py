@@ -11,6 +11,7 @@ import torch
 import yaml
 from PIL import Image
 
+from mimkit.eval import ExtractSettings
 from mimkit.eval.features import input_normalization, load_encoder, source_features
 from tests.helpers import subprocess_env
 from tests.train.test_pretrain import TINY
@@ -77,7 +78,7 @@ def test_greyscale_folder_trains_on_one_channel_with_its_own_statistics(recipe, 
     for random_init in (False, True):  # the floor reads the images the same way
         encoder = load_encoder(run_dir, random_init=random_init)
         assert input_normalization(encoder).mean == tuple(resolved["mean"])
-    feats = source_features(encoder, f"folder:{grey_folder}", "val", progress=False)
+    feats = source_features(encoder, f"folder:{grey_folder}", "val", ExtractSettings(progress=False))
     assert feats["cls"].shape == (8, encoder.embed_dim) and torch.isfinite(feats["cls"]).all()
 
 
