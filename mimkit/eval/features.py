@@ -27,16 +27,16 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-from timm.layers import resample_abs_pos_embed
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from mimkit.data import build_source, build_transform
 from mimkit.data.transforms import Normalization
 from mimkit.eval.settings import PRECISIONS, ExtractSettings
+from mimkit.interop.loading import read_state_dict
+from mimkit.interop.timm import resample_encoder_state
 from mimkit.models import Backbone, create_backbone, list_backbones, load_backbone
 from mimkit.models.backbone import ENCODER_CONFIG, ENCODER_WEIGHTS, OVERRIDABLE
-from mimkit.models.pos_embed import sincos_2d
 
 FEATURE_KEYS = ("cls", "patch_mean", "last_cls", "label")
 
@@ -70,22 +70,9 @@ def _arch(config: Mapping[str, Any]) -> dict[str, Any]:
 
 def _resized_state(state: dict[str, torch.Tensor], model: Backbone) -> dict[str, torch.Tensor]:
     """Fit a state dict to ``model``'s patch grid: a sin-cos table is regenerated, a learned one resampled."""
-    old = state["pos_embed"]
-    if old.shape == model.pos_embed.shape:
+    if state["pos_embed"].shape == model.pos_embed.shape:
         return state
-    if model.pos_embed_type == "sincos":
-        new = sincos_2d(model.embed_dim, model.grid_size)[None]
-    else:
-        n_old = old.shape[1] - model.num_prefix_tokens
-        side = int(round(n_old**0.5))
-        if side * side != n_old:
-            raise ValueError(
-                f"cannot resample a learned position table of {n_old} patches (not a square grid)"
-            )
-        new = resample_abs_pos_embed(
-            old, list(model.grid_size), [side, side], num_prefix_tokens=model.num_prefix_tokens
-        )
-    return {**state, "pos_embed": new.to(old.dtype)}
+    return resample_encoder_state(state, tuple(model.patch_embed.img_size))
 
 
 def _random_backbone(name: str, arch: dict[str, Any], seed: int) -> Backbone:
@@ -93,16 +80,6 @@ def _random_backbone(name: str, arch: dict[str, Any], seed: int) -> Backbone:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return create_backbone(name, **arch)
-
-
-def _read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} not found")
-    if path.suffix == ".safetensors":
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return state.get("model", state)
 
 
 def load_encoder(
@@ -152,7 +129,7 @@ def load_encoder(
             raise ValueError(f"backbone name {spec!r} needs a checkpoint or random_init=True (--random-init)")
         else:
             model = create_backbone(str(spec))
-            model.load_state_dict(_resized_state(_read_state_dict(checkpoint), model), strict=True)
+            model.load_state_dict(_resized_state(read_state_dict(checkpoint), model), strict=True)
     else:
         raise FileNotFoundError(
             f"encoder {str(spec)!r} not found: expected an export directory, {ENCODER_WEIGHTS}, a "
