@@ -9,17 +9,23 @@ probe's training set, val split of --val, default --train's, as the scored set).
 MAE's (BN + linear, LARS, lr = blr x batch / 256, warm-up then cosine) on cached features at
 --effective-batch 256, --blr 1.0 (MAE: 16384 and 0.1, tuned for ImageNet's 1.28M images; see
 mimkit/eval/compare.py) and --epochs 90; the table prints both encoders side by side.
+With --seg SOURCE (a source with segmentation masks), in-context dense retrieval segmentation
+(``mimkit incontext seg --vs-random``'s defaults) runs too, and a last table lists the gains of
+pretraining over the random init for every protocol; the JSON holds it under ``incontext``.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 
-from mimkit.eval.common import add_eval_args, check_common_args
-from mimkit.eval.compare import COMPARE_PROBE, compare_encoders
+from mimkit.eval.common import add_eval_args, check_common_args, write_json
+from mimkit.eval.compare import COMPARE_PROBE, compare_encoders, format_gains
+from mimkit.eval.incontext import SEG_EXTRACT, compare_incontext
 from mimkit.eval.knn import KNN_KS
 from mimkit.eval.linear_probe import preset_settings
+from mimkit.eval.seg_data import seg_source
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
@@ -34,6 +40,12 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         "--effective-batch", type=int, default=COMPARE_PROBE.effective_batch, help="probe batch (%(default)s)"
     )
     parser.add_argument("--blr", type=float, default=COMPARE_PROBE.blr, help="probe base lr (%(default)s)")
+    parser.add_argument(
+        "--seg",
+        default=None,
+        help="also run in-context segmentation on this source's train (memory) and val splits, e.g. "
+        "'synthetic:shapes?size=64&train=256&val=128'",
+    )
     args = parser.parse_args(argv)
     check_common_args(parser, args)
     if args.random_init:
@@ -50,7 +62,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             batch_size=args.effective_batch,
             blr=args.blr,
         )
-        compare_encoders(
+        if args.seg is not None:  # fail on a bad segmentation source before any feature is computed
+            seg_source(args.seg, "val", "val", 32)
+        res = compare_encoders(
             args.encoder,
             args.train,
             args.val,
@@ -60,8 +74,23 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             seed=args.seed,
             normalization=args.normalization,
             extract=args.extract,
-            json_path=args.json,
+            json_path=None if args.seg else args.json,
         )
+        if args.seg is not None:
+            seg = compare_incontext(
+                args.encoder,
+                args.seg,
+                checkpoint=args.checkpoint,
+                seed=args.seed,
+                normalization=args.normalization,
+                extract=replace(
+                    args.extract, batch_size=min(args.extract.batch_size, SEG_EXTRACT.batch_size)
+                ),
+            )
+            res["incontext"] = seg
+            print(format_gains(res, seg), flush=True)
+            if args.json is not None:
+                write_json(args.json, res)
     except (FileNotFoundError, ValueError) as err:
         parser.error(str(err))
     if args.json is not None:

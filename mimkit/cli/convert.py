@@ -29,6 +29,7 @@ import json
 import sys
 from pathlib import Path
 
+from mimkit.files import atomic_write_text
 from mimkit.interop import SOURCES, TARGETS, convert_checkpoint
 
 
@@ -99,9 +100,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     print(format_report(report))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json.with_name(f".{args.json.name}.tmp")
-        tmp.write_text(json.dumps(report, indent=2))
-        tmp.replace(args.json)
+        atomic_write_text(args.json, json.dumps(report, indent=2))
     return 0
 
 

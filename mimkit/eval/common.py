@@ -26,6 +26,7 @@ import torch
 import mimkit
 from mimkit.data.transforms import Normalization
 from mimkit.eval.settings import PRECISIONS, ExtractSettings
+from mimkit.files import atomic_write_text
 
 
 def default_device() -> str:
@@ -216,7 +217,5 @@ def write_json(path: str | os.PathLike, data: dict) -> Path:
     """Write ``data`` as indented JSON through a temporary name and a rename; returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(_jsonable(data), indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(_jsonable(data), indent=2) + "\n")
     return path

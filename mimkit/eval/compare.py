@@ -72,7 +72,8 @@ def compare_encoders(
 
     Returns:
         A result dict whose ``results`` map ``"pretrained"`` and ``"random init"`` to
-        ``{"knn": {k: top-1 %}, "linear_probe": top-1 %, "linear_probe_per_epoch": [...]}``.
+        ``{"knn": {k: top-1 %}, "knn_patch_mean": {k: top-1 %}, "linear_probe": top-1 %,
+        "linear_probe_per_epoch": [...]}`` (k-NN on the cls token and on the patch-token mean).
     """
     start = time.perf_counter()
     extract = extract or ExtractSettings()
@@ -112,16 +113,23 @@ def compare_encoders(
         train, val = feats["train"][name], feats["val"][name]
         vote = dict(ks=ks, temperature=temperature, num_classes=num_classes, device=device)
         knn = knn_top1(train["cls"], train["label"], val["cls"], val["label"], **vote)
+        knn_mean = knn_top1(train["patch_mean"], train["label"], val["patch_mean"], val["label"], **vote)
         lin = train_mae_probe(train, val, num_classes, probe, device=device, progress=extract.progress)
         results[name] = {
             "knn": knn,
+            "knn_patch_mean": knn_mean,
             "linear_probe": lin["top1"],
             "linear_probe_per_epoch": lin["top1_per_epoch"],
         }
     plan = lin["plan"]
     settings = {
         "precision": extract.precision,
-        "knn": {"feature": "cls", "ks": ks, "temperature": temperature, "weights": "exp(similarity / T)"},
+        "knn": {
+            "feature": "cls (and patch_mean)",
+            "ks": ks,
+            "temperature": temperature,
+            "weights": "exp(similarity / T)",
+        },
         "linear_probe": {"preset": "mae", "mode": "cached", **asdict(probe), **plan},
         "random_init": {"seed": seed, "init": "timm's VisionTransformer initialisation"},
         "extract": extract.to_dict(),
@@ -153,6 +161,10 @@ def format_comparison(res: dict[str, Any]) -> str:
         [f"k-NN top-1 %, k={k}"] + [res["results"][n]["knn"][k] for n in names]
         for k in res["settings"]["knn"]["ks"]
     ]
+    rows += [
+        [f"k-NN top-1 %, k={k}, patch mean"] + [res["results"][n]["knn_patch_mean"][k] for n in names]
+        for k in res["settings"]["knn"]["ks"]
+    ]
     rows.append(["linear probe top-1 % (mae, cached)"] + [res["results"][n]["linear_probe"] for n in names])
     d = res["data"]
     title = (
@@ -166,3 +178,40 @@ def format_comparison(res: dict[str, Any]) -> str:
         f"on features of centre crops (cached). {res['seconds']:.0f} s."
     )
     return f"{format_table(['', *names], rows, title)}\n{footer}"
+
+
+def format_gains(
+    classification: dict[str, Any], segmentation: dict[str, Any] | None = None, k: int = 20
+) -> str:
+    """What pretraining bought over the random init, one line per protocol.
+
+    ``classification`` is a :func:`compare_encoders` result, ``segmentation`` a
+    :func:`~mimkit.eval.incontext.compare_incontext` one; ``k`` picks the k-NN row (the largest
+    one measured if ``k`` was not).
+    """
+    res = classification["results"]
+    ks = classification["settings"]["knn"]["ks"]
+    k = k if k in ks else max(ks)
+    rows = [
+        [f"k-NN top-1 % (k={k}, cls)", res["pretrained"]["knn"][k], res["random init"]["knn"][k]],
+        [
+            f"k-NN top-1 % (k={k}, patch mean)",
+            res["pretrained"]["knn_patch_mean"][k],
+            res["random init"]["knn_patch_mean"][k],
+        ],
+        [
+            "linear probe top-1 % (cached)",
+            res["pretrained"]["linear_probe"],
+            res["random init"]["linear_probe"],
+        ],
+    ]
+    if segmentation is not None:
+        rows.append(
+            ["in-context mIoU %"]
+            + [100 * segmentation[n]["results"]["miou"] for n in ("pretrained", "random init")]
+        )
+    for row in rows:
+        row.append(f"{row[1] - row[2]:+.2f}")
+    return format_table(
+        ["", "pretrained", "random init", "gain (points)"], rows, "pretraining vs random init"
+    )

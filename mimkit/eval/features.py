@@ -33,6 +33,7 @@ from tqdm import tqdm
 from mimkit.data import build_source, build_transform
 from mimkit.data.transforms import Normalization
 from mimkit.eval.settings import PRECISIONS, ExtractSettings
+from mimkit.files import atomic_write
 from mimkit.interop.loading import read_state_dict
 from mimkit.interop.timm import resample_encoder_state
 from mimkit.models import Backbone, create_backbone, list_backbones, load_backbone
@@ -315,7 +316,6 @@ def source_features(
     feats["num_classes"] = torch.tensor(num_classes_of(dataset, feats["label"]))
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        save_file({k: v.contiguous() for k, v in feats.items()}, str(tmp))
-        os.replace(tmp, path)
+        tensors = {k: v.contiguous() for k, v in feats.items()}
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
     return feats

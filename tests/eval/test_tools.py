@@ -98,6 +98,24 @@ def test_compare_random_prints_both_encoders(encoder, tmp_path, capsys):
     assert set(res["results"]) == {"pretrained", "random init"}
     assert set(res["results"]["random init"]) >= {"knn", "linear_probe"}
     assert res["encoder"]["pretrained"]["sha256"] != res["encoder"]["random init"]["sha256"]
+    assert set(res["results"]["pretrained"]["knn_patch_mean"]) == {"5", "10"}
+
+
+def test_compare_random_with_seg_adds_incontext_and_the_gains(encoder, tmp_path, capsys):
+    out = tmp_path / "compare.json"
+    seg = "synthetic:shapes?size=32&train=8&val=4"
+    args = ["--encoder", str(encoder), "--train", DATA, "--ks", "5", "--epochs", "2", "--effective-batch",
+            "16", "--workers", "0", "--no-progress", "--seg", seg, "--json", str(out)]  # fmt: skip
+    assert _tool("compare_random").main(args) == 0
+    printed = capsys.readouterr().out
+    assert "pretraining vs random init" in printed and "in-context mIoU %" in printed
+    res = json.loads(out.read_text())
+    knn = res["results"]["pretrained"]["knn"]["5"] - res["results"]["random init"]["knn"]["5"]
+    assert f"{knn:+.2f}" in printed  # the gain row is the difference of the two columns
+    assert set(res["incontext"]) == {"pretrained", "random init"}
+    assert 0 <= res["incontext"]["pretrained"]["results"]["miou"] <= 1
+    with pytest.raises(SystemExit):  # a source without masks fails before any feature is computed
+        _tool("compare_random").main([*args[:-4], "--seg", "folder:/nonexistent"])
 
 
 def _error(tool: str, args: list[str], capsys) -> str:
