@@ -8,6 +8,7 @@ Subcommands (each registered in :data:`SUBCOMMANDS`; the larger ones live in :mo
     pipeline RECIPE            end-to-end pretraining images/s, real data vs pre-decoded tensors
     masks                      milliseconds to draw a batch of masks, per mask type
     incontext                  in-context retrieval queries/s against memory size
+    quality RECIPE             frozen-feature quality: trainer path vs a plain loop vs the random init
 
 Example, the folder and shard paths on the same images::
 
@@ -32,6 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 
+from benchmarks import quality  # noqa: E402  (top-level, outside the package)
 from mimkit.bench import incontext, masks, peak, pipeline, step  # noqa: E402
 from mimkit.bench.common import machine_info  # noqa: E402
 
@@ -118,6 +120,7 @@ SUBCOMMANDS: dict[str, tuple[Callable[[argparse.Namespace], dict], Callable, str
     "pipeline": (pipeline.run, pipeline.add_args, "end-to-end pretraining images/s, real vs pre-decoded"),
     "masks": (masks.run, masks.add_args, "milliseconds to draw a batch of masks per mask type"),
     "incontext": (incontext.run, incontext.add_args, "in-context retrieval queries/s against memory size"),
+    "quality": (quality.run, quality.add_args, "encoder quality at equal steps: trainer path vs plain loop"),
 }
 
 
