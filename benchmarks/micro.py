@@ -74,7 +74,7 @@ def block_masks() -> dict[str, float]:
 
 
 def allreduce() -> dict[str, float]:
-    from mimkit.bench import step
+    from benchmarks import step
     from mimkit.train.distributed import init_distributed
 
     parser = argparse.ArgumentParser()

@@ -534,7 +534,7 @@ def code_state() -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """``quality``: train, score, print the table and gaps; the result dict (see the module docstring)."""
-    from mimkit.bench.common import machine_info
+    from benchmarks.common import machine_info
     from mimkit.eval.features import encoder_digest
 
     start = time.perf_counter()

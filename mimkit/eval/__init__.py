@@ -23,7 +23,6 @@ from mimkit.eval.features import (
 from mimkit.eval.heads import LinearHead
 from mimkit.eval.incontext import (
     MemoryBank,
-    benchmark_incontext,
     build_memory,
     compare_incontext,
     evaluate_memory,
@@ -69,7 +68,6 @@ __all__ = [
     "MemoryBank",
     "MaeProbe",
     "add_eval_args",
-    "benchmark_incontext",
     "build_memory",
     "compare_incontext",
     "compare_encoders",

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from mimkit.bench import incontext, masks
+from benchmarks import incontext, masks
 from mimkit.ssl.colornoise import COLORS
 from mimkit.ssl.masking import list_masks, num_masked
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mimkit.bench import pipeline
+from benchmarks import pipeline
 from mimkit.data import build_source, build_transform
 from tests.helpers import subprocess_env
 

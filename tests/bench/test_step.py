@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mimkit.bench import step as step_bench
-from mimkit.bench.reference import ReferenceMAE, noise_for_mask, reference_name
+from benchmarks import step as step_bench
+from benchmarks.reference import ReferenceMAE, noise_for_mask, reference_name
 from mimkit.train.distributed import init_distributed
 
 ROOT = Path(__file__).resolve().parents[2]

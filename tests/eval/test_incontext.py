@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from benchmarks.incontext import benchmark_incontext
 from mimkit.data import build_source
 from mimkit.eval import ExtractSettings, incontext_segmentation
-from mimkit.eval.incontext import benchmark_incontext, build_memory, evaluate_memory, select_patches
+from mimkit.eval.incontext import build_memory, evaluate_memory, select_patches
 from mimkit.eval.incontext_cls import incontext_episodes, interval, prototype_top1
 from mimkit.eval.seg_data import patch_class_fractions, seg_source
 from mimkit.models import create_backbone, save_backbone

@@ -3,7 +3,7 @@
 The trainer path is what ``tools/pretrain.py`` runs per optimizer step: the method built from a
 recipe (registry backbone, mask generator, recipe options) inside the DeepSpeed engine at world
 size 1 with the recipe's AdamW parameter groups, fed a batch moved and cast as the trainer moves
-it. The reference is :class:`~mimkit.bench.reference.ReferenceMAE` with MAE's weights, plain
+it. The reference is :class:`~benchmarks.reference.ReferenceMAE` with MAE's weights, plain
 AdamW. All paths share the process, the threads and one fixed batch of images (data loading is
 ``benchmark.py pipeline``'s business) and are timed in turns, round-robin, after warm-up steps, so
 a change in machine load hits every path alike; the median step time counts.
@@ -11,7 +11,7 @@ a change in machine load hits every path alike; the median step time counts.
 Per path it reports images/s and the ratio to the reference, FLOPs per step counted by
 ``torch.utils.flop_counter`` for one forward and backward (split into the encoder, the decoder
 side, i.e. every decoder and CAE's regressor, and the rest), the achieved FLOP/s and its share of
-the measured matmul peak (:mod:`mimkit.bench.peak`, same shapes, the path's dtype), the peak
+the measured matmul peak (:mod:`benchmarks.peak`, same shapes, the path's dtype), the peak
 memory during its steps (resident set size on CPU, max allocated on GPU), and the time to draw
 the batch's masks.
 """
@@ -29,11 +29,11 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from mimkit.bench.common import machine_info, print_table
-from mimkit.bench.peak import mae_shapes, measure_peak, sync
-from mimkit.bench.reference import ReferenceMAE, reference_optimizer
+from benchmarks.common import machine_info, print_table
+from benchmarks.peak import mae_shapes, measure_peak, sync
+from benchmarks.reference import ReferenceMAE, reference_optimizer
 
-RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 DEFAULT_RECIPE = RECIPES / "mae" / "default.yaml"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from mimkit.bench.common import machine_info, print_table
+from benchmarks.common import machine_info, print_table
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

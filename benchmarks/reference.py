@@ -1,6 +1,6 @@
 """A bare MAE training step, computed the way the original MAE code computes it.
 
-This is the yardstick :mod:`mimkit.bench.step` times mimkit's trainer path against: no registry,
+This is the yardstick :mod:`benchmarks.step` times mimkit's trainer path against: no registry,
 no recipe, no DeepSpeed, just timm's ``PatchEmbed`` and ``Block``, masking by sorting uniform
 noise and gathering (``argsort``; the mask is ``gather``-ed back with the inverse permutation),
 a decoder that runs over all tokens and a head over all patches, the loss computed on the full

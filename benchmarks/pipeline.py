@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, IterableDataset
 
-from mimkit.bench.common import machine_info, print_table
+from benchmarks.common import machine_info, print_table
 from mimkit.data import build_source, build_transform, register_scheme
 
 SCHEME = "predecoded"
@@ -78,7 +78,7 @@ def _predecoded(spec: str, split: str, transform) -> Dataset:
         known = ", ".join(f"{SCHEME}:{k}" for k in _STORE) or "none"
         raise ValueError(
             f"no pre-decoded samples under {SCHEME}:{spec}; this source exists only inside "
-            f"`tools/benchmark.py pipeline` (made by mimkit.bench.pipeline.predecode); held now: {known}"
+            f"`tools/benchmark.py pipeline` (made by benchmarks.pipeline.predecode); held now: {known}"
         )
     return _STORE[spec]
 

@@ -1,6 +1,6 @@
 """``python tools/benchmark.py incontext``: in-context retrieval queries/s against memory size.
 
-A thin wrapper over :func:`mimkit.eval.incontext.benchmark_incontext`: random unit keys of ``--dim``
+A thin wrapper over :func:`benchmark_incontext`: random unit keys of ``--dim``
 dimensions and random class-fraction values, ``--queries`` query patches searched exactly (chunked
 matmul + top-k) and aggregated as the dense retrieval evaluation does; the best of ``--repeat``
 timed runs after a warm-up counts. The default sizes match the scales of issue #10 on one machine.
@@ -9,16 +9,20 @@ timed runs after a warm-up counts. The default sizes match the scales of issue #
 from __future__ import annotations
 
 import argparse
+import math
+import time
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 
-from mimkit.bench.common import machine_info, print_table
+from benchmarks.common import machine_info, print_table
+from mimkit.eval.incontext import DEFAULT_K, DEFAULT_TEMPERATURE, MemoryBank, patch_distributions
+from mimkit.eval.retrieval import KEY_DTYPES, default_key_dtype
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     """The ``incontext`` options."""
-    from mimkit.eval.incontext import DEFAULT_K, DEFAULT_TEMPERATURE
-    from mimkit.eval.retrieval import KEY_DTYPES
 
     parser.add_argument(
         "--memory-sizes",
@@ -66,8 +70,6 @@ def run(args: argparse.Namespace) -> dict:
     """``incontext``: a table and the result dict (options, machine, one row per memory size)."""
     from tqdm import tqdm
 
-    from mimkit.eval.incontext import benchmark_incontext
-
     device = _check(args)
     machine = machine_info()
     rows = []
@@ -105,3 +107,56 @@ def run(args: argparse.Namespace) -> dict:
     }
     options["seed"] = args.seed
     return {"benchmark": "incontext", "options": options, "machine": machine, "results": rows}
+
+
+def benchmark_incontext(
+    memory_sizes: tuple[int, ...] = (10_000, 100_000, 1_000_000),
+    *,
+    dim: int = 192,
+    num_classes: int = 21,
+    num_queries: int = 4096,
+    k: int = DEFAULT_K,
+    temperature: float = DEFAULT_TEMPERATURE,
+    key_dtype: str | None = None,
+    device: str | torch.device = "cpu",
+    repeats: int = 3,
+    seed: int = 0,
+    query_chunk: int | None = None,
+    key_chunk: int | None = None,
+) -> list[dict[str, Any]]:
+    """Query patches per second of retrieval + aggregation against memory size, on random unit vectors.
+
+    Each size is timed ``repeats`` times after one warm-up; the best time counts. Returns one dict
+    per size: ``memory_size, dim, num_queries, k, key_dtype, device, seconds, queries_per_s``.
+    """
+    device = torch.device(device)
+    key_dtype = key_dtype or default_key_dtype(device)
+    g = torch.Generator().manual_seed(seed)
+    largest = max(memory_sizes)
+    keys = torch.empty(largest, dim, dtype=KEY_DTYPES[key_dtype], device=device)
+    for i in range(0, largest, 1 << 18):  # fill in slices: no full fp32 temporary
+        rows = torch.randn(min(1 << 18, largest - i), dim, generator=g)
+        keys[i : i + len(rows)] = F.normalize(rows, dim=1).to(device, keys.dtype)
+    values = torch.rand(largest, num_classes, generator=g).half().to(device)
+    queries = F.normalize(torch.randn(num_queries, dim, generator=g), dim=1).to(device)
+    out = []
+    for size in sorted(memory_sizes):
+        memory = MemoryBank(keys[:size], values[:size])
+        call = dict(k=k, temperature=temperature, query_chunk=query_chunk, key_chunk=key_chunk)
+        patch_distributions(queries[: min(256, num_queries)], memory, **call)  # warm-up
+        best = math.inf
+        for _ in range(repeats):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            patch_distributions(queries, memory, **call)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            best = min(best, time.perf_counter() - t0)
+        out.append(
+            {
+                "memory_size": size, "dim": dim, "num_queries": num_queries, "k": k, "key_dtype": key_dtype,
+                "device": str(device), "seconds": best, "queries_per_s": num_queries / best,
+            }
+        )  # fmt: skip
+    return out

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from mimkit.bench.common import machine_info, print_table
+from benchmarks.common import machine_info, print_table
 
 
 def _variants() -> dict[str, tuple[str, tuple[str, ...]]]:
