@@ -27,8 +27,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mimkit.eval.common import add_eval_args, check_common_args, write_json
-from mimkit.eval.features import load_encoder
+from mimkit.eval.common import add_eval_args, check_common_args, encoder_from_args, write_json
 from mimkit.eval.incontext import (
     DEFAULT_K,
     DEFAULT_TEMPERATURE,
@@ -116,20 +115,14 @@ def _seg(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
             args.encoder, args.train, args.val, checkpoint=args.checkpoint, seed=args.seed,
             normalization=args.normalization, **options,
         )  # fmt: skip
-    encoder = load_encoder(
-        args.encoder, random_init=args.random_init, img_size=args.img_size, checkpoint=args.checkpoint,
-        seed=args.seed, device=args.device, normalization=args.normalization,
-    )  # fmt: skip
+    encoder = encoder_from_args(args)
     res = incontext_segmentation(encoder, args.train, args.val, seed=args.seed, **options)
     print(format_segmentation(res))
     return res
 
 
 def _cls(args: argparse.Namespace) -> dict:
-    encoder = load_encoder(
-        args.encoder, random_init=args.random_init, img_size=args.img_size, checkpoint=args.checkpoint,
-        seed=args.seed, device=args.device, normalization=args.normalization,
-    )  # fmt: skip
+    encoder = encoder_from_args(args)
     res = incontext_classification(
         encoder, args.train, args.val, shots=args.shots, episodes=args.episodes, k=args.k,
         temperature=args.temperature, feature=args.feature, seed=args.seed, extract=args.extract,

@@ -16,8 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mimkit.eval.common import add_eval_args, check_common_args, write_json
-from mimkit.eval.features import load_encoder
+from mimkit.eval.common import add_eval_args, check_common_args, encoder_from_args, write_json
 from mimkit.eval.knn import (
     FEW_SHOT_N,
     FEW_SHOT_TRIES,
@@ -57,15 +56,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = parser.parse_args(argv)
     check_common_args(parser, args)
     try:
-        encoder = load_encoder(
-            args.encoder,
-            random_init=args.random_init,
-            img_size=args.img_size,
-            checkpoint=args.checkpoint,
-            seed=args.seed,
-            device=args.device,
-            normalization=args.normalization,
-        )
+        encoder = encoder_from_args(args)
         res = knn_eval(
             encoder,
             args.train,

@@ -21,8 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mimkit.eval.common import add_eval_args, check_common_args, write_json
-from mimkit.eval.features import load_encoder
+from mimkit.eval.common import add_eval_args, check_common_args, encoder_from_args, write_json
 from mimkit.eval.linear_probe import PRESETS, format_linear_probe, linear_probe, preset_settings
 
 
@@ -60,15 +59,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         settings = preset_settings(
             args.preset, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, **given
         )
-        encoder = load_encoder(
-            args.encoder,
-            random_init=args.random_init,
-            img_size=args.img_size,
-            checkpoint=args.checkpoint,
-            seed=args.seed,
-            device=args.device,
-            normalization=args.normalization,
-        )
+        encoder = encoder_from_args(args)
         res = linear_probe(
             encoder,
             args.train,

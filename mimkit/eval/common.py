@@ -219,3 +219,19 @@ def write_json(path: str | os.PathLike, data: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(_jsonable(data), indent=2) + "\n")
     return path
+
+
+def encoder_from_args(args: argparse.Namespace):
+    """The encoder the shared arguments name (``--encoder``, ``--random-init``, ``--img-size``,
+    ``--checkpoint``, ``--seed``, ``--device``, ``--mean`` / ``--std``), frozen on its device."""
+    from mimkit.eval.features import load_encoder
+
+    return load_encoder(
+        args.encoder,
+        random_init=args.random_init,
+        img_size=args.img_size,
+        checkpoint=args.checkpoint,
+        seed=args.seed,
+        device=args.device,
+        normalization=args.normalization,
+    )
