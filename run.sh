@@ -33,12 +33,10 @@ case "$job" in
     "$PY" tools/pretrain.py recipes/demo/mae_vit_tiny.yaml "run.dir=$run_dir" "$@"
     "$PY" tools/visualize.py recon "$run_dir"
     "$PY" tools/visualize.py curves "$run_dir"
-    # the pretrained encoder next to a random init of its shape: k-NN and the cached linear probe
+    # the pretrained encoder next to a random init of its shape: k-NN, the cached linear probe and
+    # in-context (Hummingbird-style) dense retrieval segmentation, ending with a table of the gains
     "$PY" tools/compare_random.py --encoder "$run_dir" --train "synthetic:shapes?size=64&train=1000&val=500" \
-      --json "$run_dir/eval.json"
-    # in-context (Hummingbird-style) dense retrieval segmentation, pretrained vs random init
-    "$PY" tools/incontext.py seg --encoder "$run_dir" --train "synthetic:shapes?size=64&train=256&val=128" \
-      --vs-random --json "$run_dir/incontext.json"
+      --seg "synthetic:shapes?size=64&train=256&val=128" --json "$run_dir/eval.json"
     ;;
   test)
     "$VENV/bin/ruff" check .
