@@ -4,7 +4,16 @@ from mimkit.data.folder import IMAGE_EXTENSIONS, ImageFolderSource, load_image
 from mimkit.data.sample import SPLITS, make_sample
 from mimkit.data.shards import write_shards
 from mimkit.data.sources import SOURCE_SCHEMES, build_source, register_scheme
-from mimkit.data.synthetic import SHAPES, SYNTHETIC_SETS, Scene, SyntheticShapes, render_shapes
+from mimkit.data.synthetic import (
+    COARSENESS,
+    SHAPES,
+    SYNTHETIC_SETS,
+    Scene,
+    SyntheticShapes,
+    SyntheticTextures,
+    render_shapes,
+    render_textures,
+)
 from mimkit.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -20,6 +29,7 @@ from mimkit.data.wds import BadSampleWarning, Shard, WebDatasetSource, resolve_s
 
 __all__ = [
     "BadSampleWarning",
+    "COARSENESS",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "IMAGE_EXTENSIONS",
@@ -35,6 +45,7 @@ __all__ = [
     "ToChannels",
     "Scene",
     "SyntheticShapes",
+    "SyntheticTextures",
     "build_source",
     "build_transform",
     "denormalize",
@@ -44,6 +55,7 @@ __all__ = [
     "pretrain_transform",
     "register_scheme",
     "render_shapes",
+    "render_textures",
     "resolve_shards",
     "write_shards",
 ]

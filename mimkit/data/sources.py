@@ -3,7 +3,7 @@
 - ``synthetic:NAME[?key=value&...]``: an embedded synthetic set, e.g.
   ``synthetic:shapes?size=64&train=8192&val=1024&seed=0``; the options are the set's keyword
   arguments (for ``shapes``: ``size=64``, ``train=10000``, ``val=1000``, ``seed=0``, ``cache=0``,
-  ``segmentation=1``).
+  ``segmentation=1``; ``textures`` takes the same and ``objects=1``).
 - ``folder:PATH``: an image folder in ImageFolder layout, optionally with ``train/`` and ``val/``.
 
 A scheme is a function ``(spec, split, transform) -> Dataset`` registered in :data:`SOURCE_SCHEMES`

@@ -3,6 +3,8 @@
 Sources (registered as URI schemes for :func:`mimkit.data.build_source`):
 
 - ``synthetic:shapes``: its masks, 8 classes (0 background, k + 1 = shape k), nothing ignored.
+- ``synthetic:textures``: its masks, 4 classes (0 the smooth background, k + 1 = coarseness k),
+  nothing ignored.
 - ``voc:PATH``: Pascal VOC 2012, ``PATH`` = the ``VOC2012`` folder (or a folder holding
   ``VOC2012/`` or ``VOCdevkit/VOC2012/``): ``JPEGImages/<id>.jpg``, masks ``SegmentationClass/<id>.png``
   (palette PNGs of class indices) or ``SegmentationClassAug/<id>.png``; split lists
@@ -159,7 +161,7 @@ def seg_classes(dataset: Dataset, uri: str) -> tuple[tuple[str, ...], int | None
     if names is None:
         raise ValueError(
             f"source {uri!r} has no segmentation classes; in-context segmentation reads synthetic:shapes, "
-            "voc:PATH or ade20k:PATH"
+            "synthetic:textures, voc:PATH or ade20k:PATH"
         )
     return tuple(names), dataset.ignore_index
 
