@@ -131,14 +131,15 @@ def benchmark_incontext(
     """
     device = torch.device(device)
     key_dtype = key_dtype or default_key_dtype(device)
-    g = torch.Generator().manual_seed(seed)
+    # drawn where they are used: 10M x 768 keys from a CPU generator take minutes to make and copy
+    g = torch.Generator(device).manual_seed(seed)
     largest = max(memory_sizes)
     keys = torch.empty(largest, dim, dtype=KEY_DTYPES[key_dtype], device=device)
     for i in range(0, largest, 1 << 18):  # fill in slices: no full fp32 temporary
-        rows = torch.randn(min(1 << 18, largest - i), dim, generator=g)
-        keys[i : i + len(rows)] = F.normalize(rows, dim=1).to(device, keys.dtype)
-    values = torch.rand(largest, num_classes, generator=g).half().to(device)
-    queries = F.normalize(torch.randn(num_queries, dim, generator=g), dim=1).to(device)
+        rows = torch.randn(min(1 << 18, largest - i), dim, generator=g, device=device)
+        keys[i : i + len(rows)] = F.normalize(rows, dim=1).to(keys.dtype)
+    values = torch.rand(largest, num_classes, generator=g, device=device).half()
+    queries = F.normalize(torch.randn(num_queries, dim, generator=g, device=device), dim=1)
     out = []
     for size in sorted(memory_sizes):
         memory = MemoryBank(keys[:size], values[:size])

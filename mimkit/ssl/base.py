@@ -30,6 +30,16 @@ class MaskedImageModel(nn.Module):
         """Let an epoch-scheduled mask generator (e.g. ColorMAE's colour schedule) switch."""
         self.mask_generator.set_epoch(epoch)
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute transformer blocks in the backward pass instead of keeping their activations.
+
+        Applies to every part that supports it: the encoder (timm's flag, read by
+        ``Backbone.run_blocks``) and MAE's decoder wherever a method uses it. Gradients are unchanged.
+        """
+        for module in self.modules():
+            if hasattr(module, "grad_checkpointing"):
+                module.grad_checkpointing = enable
+
     def draw_mask(self, batch_size: int, device: torch.device | str | None = None) -> torch.Tensor:
         """(batch_size, L) bool masks from the generator, True = masked (torch's default RNG)."""
         return self.mask_generator(batch_size, self.encoder.grid_size, device=device)

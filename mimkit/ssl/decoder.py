@@ -7,6 +7,7 @@ from functools import partial
 import torch
 from timm.models.vision_transformer import Block
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from mimkit.models.pos_embed import sincos_2d
 from mimkit.ssl.targets import masked_mse, pixel_targets, scatter_patches, select_patches, selected_mse
@@ -50,6 +51,7 @@ class MAEDecoder(nn.Module):
         )
         self.norm = norm(dim)
         self.pred = nn.Linear(dim, out_dim)
+        self.grad_checkpointing = False  # MaskedImageModel.set_grad_checkpointing sets it
 
     def forward_features(self, latent: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
         """Last-block tokens before the final norm, (B, 1 + L, dim), cls first, row-major patches.
@@ -63,8 +65,9 @@ class MAEDecoder(nn.Module):
         full = self.mask_token.expand(b, self.num_patches, dim)
         full = torch.scatter(full, 1, ids_keep[..., None].expand(-1, -1, dim), x[:, 1:])
         x = torch.cat([x[:, :1], full], dim=1) + self.pos_embed
+        recompute = self.grad_checkpointing and torch.is_grad_enabled()
         for block in self.blocks:
-            x = block(x)
+            x = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
         return x
 
     def head(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -140,6 +140,7 @@ class TrainConfig:
     precision: str
     zero_stage: int
     compile: bool
+    grad_checkpointing: bool
 
 
 @dataclass

@@ -357,6 +357,7 @@ def build_engine(recipe: Recipe, dist: Dist):
         keep_freed_memory()  # 13-20% faster CPU steps (mimkit/train/cpu_memory.py)
     seed_everything(recipe.run.seed)  # identical initial weights on every rank
     method = build_method(recipe.method.to_dict())
+    method.set_grad_checkpointing(recipe.train.grad_checkpointing)
     o = recipe.optim
     optimizer = build_adamw(method, recipe.lr, o.betas, o.eps, o.weight_decay, o.no_decay, dist.device)
     engine, optimizer, _, _ = deepspeed.initialize(

@@ -146,6 +146,7 @@ def test_unknown_keys_name_the_key_and_suggest():
         ("method.norm_pix_loss=3", ["method.norm_pix_loss", "true or false"]),
         ("optim.betas=0.9", ["optim.betas", "list"]),
         ("run.seed=true", ["run.seed", "integer"]),
+        ("train.grad_checkpointing=sometimes", ["train.grad_checkpointing", "true or false"]),
     ],
 )
 def test_wrong_types(override, words):
