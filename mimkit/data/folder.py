@@ -1,74 +1,194 @@
-"""The ``folder:PATH`` source: images in ImageFolder layout, ``PATH/<class>/<image>``.
+"""The ``folder:PATH`` source: a folder of images, labelled by class folders or unlabelled.
 
-Class names are the sorted class folder names and a sample's label is its class's index; images
-may sit in nested folders below their class folder. Where PATH holds ``train/`` or ``val/``, the
-split picks that subfolder and the classes are the union over both, so a label means the same
-class in either split; otherwise PATH itself serves both splits. Hidden files and folders (a name
-starting with '.') are skipped; any other file must carry an image extension.
+Layout. A folder is *labelled* when it holds only folders, no image directly: each folder is a
+class (``PATH/<class>/<image>``, images may nest below their class folder), class names are the
+sorted folder names and a sample's label is its class's index. A folder with any image directly
+in it is *unlabelled*: every image below it, at any depth, is read and samples carry no ``label``
+(``class_names`` is empty), which is what pretraining on one's own images needs. Where PATH holds
+``train/`` or ``val/``, the split picks that subfolder; the layout and the classes are decided over
+both, so the two splits yield the same keys and a label means the same class in either split.
+Otherwise PATH itself serves both splits.
+
+Files. Hidden files and folders (a name starting with '.') are skipped silently; files without an
+image extension (a README, notes, label CSVs) are skipped with one summary warning per folder.
+
+Damage. An image that fails to decode (a truncated or garbage file, a zero-byte file, a file deleted
+after the scan) is not fatal: it is counted as bad in :attr:`ImageFolderSource.counts` with a
+:class:`~mimkit.data.bad.BadSampleWarning` naming it, and an image drawn at random (seeded by the
+index, so the same whatever the workers) is read in its place, so batches stay full and the
+sampler's epoch stays exact. The trainer stops only when bad images pass ``data.max_bad_fraction``
+of those read.
+
+Modes. Every image comes out RGB uint8 (the transforms then bring it to ``data.channels``): alpha is
+dropped (a pixel keeps its stored colour), palettes are expanded, and 16-bit greyscale is scaled to
+8 bits (PIL's own conversion clips it at 255 instead).
 """
 
 from __future__ import annotations
 
 import os
+import random
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageFile
 from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as F
 
+from mimkit.data.bad import SampleCounts
 from mimkit.data.sample import SPLITS, Transform, check_split, make_sample
 
 IMAGE_EXTENSIONS = (".bmp", ".jpeg", ".jpg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
+# Replacements tried for an undecodable image: all of them failing means (unless nearly every file
+# is damaged) that the folder itself is unreadable (unmounted, permissions), which skipping cannot fix.
+MAX_REPLACEMENTS = 32
+# Greyscale modes wider than 8 bits: 16-bit PNGs and TIFFs open as I;16 (or I in older Pillow).
+_WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+Sample = tuple[str, int | None]
 
 
 def load_image(path: str | os.PathLike) -> torch.Tensor:
-    """Decode an image file to RGB uint8 (3, H, W); a file that fails raises a ValueError naming it."""
+    """Decode an image file to RGB uint8 (3, H, W); a file that fails raises a ValueError naming it.
+
+    The pixels are decoded in full here, so a file cut short fails now rather than decoding
+    partially: PIL's ``ImageFile.LOAD_TRUNCATED_IMAGES`` must stay False for that (mimkit never sets
+    it; :func:`_warn_if_truncated_images_load` says so when other code has).
+    """
+    _warn_if_truncated_images_load()
     try:
         with Image.open(path) as img:
-            rgb = img.convert("RGB")
+            img.load()
+            rgb = _to_rgb(img)
     except Exception as err:  # PIL raises OSError, SyntaxError, ValueError... depending on the codec
         raise ValueError(f"cannot decode image file {path}: {err}") from err
     return F.pil_to_tensor(rgb)
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """``img`` as 8-bit RGB, scaling wide greyscale and expanding palettes through their alpha."""
+    if img.mode in _WIDE_GREY_MODES:
+        return _wide_grey_to_l(img).convert("RGB")
+    if img.mode == "PA" or (img.mode == "P" and "transparency" in img.info):
+        # via RGBA: PIL warns when it drops a palette's transparency straight to RGB
+        img = img.convert("RGBA")
+    return img.convert("RGB")
+
+
+def _wide_grey_to_l(img: Image.Image) -> Image.Image:
+    """16-bit greyscale (0..65535) to 8 bits, rounded: ``v * 255 / 65535`` is exactly ``v / 257``."""
+    wide = np.asarray(img).astype(np.int64).clip(0, 65535)
+    return Image.fromarray(((wide + 128) // 257).astype(np.uint8))
+
+
+def _warn_if_truncated_images_load() -> None:
+    """Say (once per process, by the warning filter) that truncated files will pass as good."""
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        warnings.warn(
+            "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True (set outside mimkit): truncated images decode "
+            "partially, padded with grey, and are not counted as bad samples",
+            stacklevel=2,
+        )
 
 
 def _visible(names: list[str]) -> list[str]:
     return sorted(n for n in names if not n.startswith("."))
 
 
-def _class_folders(root: Path) -> list[str]:
-    """Class folder names directly under ``root``; a stray file there is a layout error."""
-    classes = []
-    for name in _visible(os.listdir(root)):
-        if not (root / name).is_dir():
-            raise ValueError(
-                f"file {root / name} sits directly in {root}; images belong in class folders {root}/<class>/"
+def _is_image_name(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _direct_image(folder: Path) -> str | None:
+    """The first image file directly in ``folder``, or None."""
+    for name in _visible(os.listdir(folder)):
+        if _is_image_name(name) and not (folder / name).is_dir():
+            return name
+    return None
+
+
+def _subfolders(folder: Path) -> list[str]:
+    return [name for name in _visible(os.listdir(folder)) if (folder / name).is_dir()]
+
+
+def _layout(folders: list[Path]) -> tuple[list[str], str | None]:
+    """The class names of ``folders`` (one layout for all splits) and, if unlabelled, why.
+
+    Labelled needs every folder to hold no image directly: one image beside the class folders
+    would have no class, and quietly dropping it would hide data the user put there.
+    """
+    for folder in folders:
+        image = _direct_image(folder)
+        if image is not None:
+            reason = (
+                f"images sit directly in {folder} (e.g. {image}); a labelled folder holds only class "
+                f"folders, {folder}/<class>/<image>"
             )
-        classes.append(name)
-    return classes
+            return [], reason
+    return sorted({name for folder in folders for name in _subfolders(folder)}), None
 
 
-def _scan(root: Path, class_names: list[str]) -> list[tuple[str, int]]:
-    """(path, label) for every image under ``root/<class>``, in sorted order."""
-    samples = []
-    for label, name in enumerate(class_names):
-        folder = root / name
-        if not folder.is_dir():
-            continue  # a class present in the other split only
+class _Scan:
+    """The images under a folder, in sorted order, and the non-image files passed over."""
+
+    def __init__(self) -> None:
+        self.samples: list[Sample] = []
+        self.ignored = 0
+        self.ignored_example: str | None = None
+
+    def walk(self, folder: Path, label: int | None) -> None:
         for dirpath, dirnames, filenames in os.walk(folder):
             dirnames[:] = _visible(dirnames)
             for filename in _visible(filenames):
                 path = os.path.join(dirpath, filename)
-                if not filename.lower().endswith(IMAGE_EXTENSIONS):
-                    raise ValueError(
-                        f"{path} is not an image file; accepted extensions: {', '.join(IMAGE_EXTENSIONS)}"
-                    )
-                samples.append((path, label))
-    return samples
+                if _is_image_name(filename):
+                    self.samples.append((path, label))
+                else:
+                    self.ignore(path)
+
+    def ignore(self, path: str) -> None:
+        self.ignored += 1
+        self.ignored_example = self.ignored_example or path
+
+    def note_ignored(self, root: Path) -> None:
+        """One warning for all the non-image files met (they are no error: READMEs, label lists...)."""
+        if self.ignored:
+            files = "file" if self.ignored == 1 else "files"
+            warnings.warn(
+                f"ignored {self.ignored} non-image {files} in {root} (e.g. "
+                f"{os.path.relpath(self.ignored_example, root)}); image extensions: "
+                f"{', '.join(IMAGE_EXTENSIONS)}",
+                stacklevel=3,
+            )
+
+
+def _scan(root: Path, class_names: list[str]) -> _Scan:
+    """Every image under ``root``: by class folder when labelled, the whole tree when not."""
+    scan = _Scan()
+    if not class_names:
+        scan.walk(root, None)
+        return scan
+    for label, name in enumerate(class_names):
+        if (root / name).is_dir():  # else a class present in the other split only
+            scan.walk(root / name, label)
+    for name in _visible(os.listdir(root)):
+        if not (root / name).is_dir():  # beside the class folders, so no image (see _layout)
+            scan.ignore(str(root / name))
+    return scan
 
 
 class ImageFolderSource(Dataset):
-    """Map-style dataset over an image folder: samples ``{"image", "label"}``."""
+    """Map-style dataset over an image folder: samples ``{"image", "label"}``, or ``{"image"}`` unlabelled.
+
+    Attributes:
+        class_names: the sorted class folder names; empty for an unlabelled folder.
+        samples: ``(path, label)`` per image in index order, ``label`` None when unlabelled.
+        unlabelled_reason: why the folder reads without labels (None when labelled).
+        counts: images delivered and images skipped as undecodable, shared with loader workers.
+    """
 
     def __init__(self, path: str | os.PathLike, split: str = "train", transform: Transform | None = None):
         check_split(split)
@@ -82,25 +202,63 @@ class ImageFolderSource(Dataset):
                 raise FileNotFoundError(
                     f"image folder {path} has {split_dirs[0].name}/ but no {split}/ folder"
                 )
-            self.class_names = sorted({c for d in split_dirs for c in _class_folders(d)})
         else:
             self.root = path
-            self.class_names = _class_folders(path)
+        self.class_names, self.unlabelled_reason = _layout(split_dirs or [path])
         self.split = split
         self.transform = transform
-        self.samples = _scan(self.root, self.class_names)
+        scan = _scan(self.root, self.class_names)
+        scan.note_ignored(self.root)
+        self.samples = scan.samples
         if not self.samples:
             raise ValueError(
-                f"no images found in {self.root}; expected {self.root}/<class>/<image> with one of the "
-                f"extensions {', '.join(IMAGE_EXTENSIONS)}"
+                f"no images found in {self.root}; expected images with one of the extensions "
+                f"{', '.join(IMAGE_EXTENSIONS)}, in {self.root}/<class>/ for labels"
             )
+        self.counts = SampleCounts()
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        path, label = self.samples[index]
-        return make_sample(load_image(path), label=label, transform=self.transform)
+        n = len(self.samples)
+        if not -n <= index < n:
+            raise IndexError(f"index {index} is out of range for {n} images")
+        image, label = self._decode_from(index % n)
+        return make_sample(image, label=label, transform=self.transform)
+
+    def _decode_from(self, index: int) -> tuple[torch.Tensor, int | None]:
+        """The image and label at ``index``, or, where it fails to decode, of a replacement.
+
+        Replacements are drawn at random from a generator seeded by ``index`` alone, so the same
+        epoch reads the same images whatever the workers, and a run of damaged neighbours (a folder
+        copied halfway) costs no more than scattered damage. Every failed attempt is a read that
+        counts as bad, which keeps ``bad / (good + bad)`` the share of damaged files.
+        """
+        tried = 0
+        for candidate in self._candidates(index):
+            tried += 1
+            path, label = self.samples[candidate]
+            try:
+                image = load_image(path)
+            except ValueError as err:
+                self.counts.skipped(1, f"{err}; skipped, an image drawn at random is read in its place")
+                continue
+            self.counts.delivered()
+            return image, label
+        raise ValueError(
+            f"none of {tried} images tried for index {index} of {self.root} ({self.samples[index][0]} and "
+            f"{tried - 1} drawn at random) can be decoded; is the folder readable? (the warnings above "
+            "name each file)"
+        )
+
+    def _candidates(self, index: int) -> Iterator[int]:
+        """``index``, then :data:`MAX_REPLACEMENTS` indices drawn by a generator seeded by it."""
+        yield index
+        draw = random.Random(index)
+        for _ in range(MAX_REPLACEMENTS):
+            yield draw.randrange(len(self.samples))
 
     def __repr__(self) -> str:
-        return f"ImageFolderSource({str(self.root)!r}, classes={len(self.class_names)}, images={len(self)})"
+        classes = f"classes={len(self.class_names)}" if self.class_names else "unlabelled"
+        return f"ImageFolderSource({str(self.root)!r}, {classes}, images={len(self)})"

@@ -4,7 +4,9 @@
   ``synthetic:shapes?size=64&train=8192&val=1024&seed=0``; the options are the set's keyword
   arguments (for ``shapes``: ``size=64``, ``train=10000``, ``val=1000``, ``seed=0``, ``cache=0``,
   ``segmentation=1``; ``textures`` takes the same and ``objects=1``).
-- ``folder:PATH``: an image folder in ImageFolder layout, optionally with ``train/`` and ``val/``.
+- ``folder:PATH``: an image folder, optionally with ``train/`` and ``val/``: class folders
+  (``PATH/<class>/<image>``) give labels, images directly in PATH are read without labels (see
+  :mod:`mimkit.data.folder`).
 
 A scheme is a function ``(spec, split, transform) -> Dataset`` registered in :data:`SOURCE_SCHEMES`
 with :func:`register_scheme`; webdataset shards (``wds:``, :mod:`mimkit.data.wds`) plug in the same way.

@@ -100,9 +100,11 @@ def compare_encoders(
     img_size = extract.img_size
     transform = build_transform("eval", img_size, input_normalization(encoders["pretrained"]))
     feats, sizes, num_classes = {}, {}, 0
-    for split, uri in (("train", train_source), ("val", val_source)):
-        dataset = build_source(uri, split, transform)
-        require_labels(dataset, uri, split)
+    sources = {"train": train_source, "val": val_source}
+    datasets = {split: build_source(uri, split, transform) for split, uri in sources.items()}
+    for split, dataset in datasets.items():  # both before any feature is extracted
+        require_labels(dataset, sources[split], split)
+    for split, dataset in datasets.items():
         feats[split] = extract_features(encoders, dataset, extract, desc=f"features {split}")
         sizes[split] = len(dataset)
         num_classes = max(num_classes, num_classes_of(dataset, feats[split]["pretrained"]["label"]))

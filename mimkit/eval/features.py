@@ -267,10 +267,17 @@ def require_labels(dataset: Dataset, uri: str, split: str) -> None:
     if len(dataset) == 0:
         raise ValueError(f"source {uri!r} has no samples in its {split} split")
     if "label" not in dataset[0]:
+        reason = getattr(dataset, "unlabelled_reason", None)
         raise ValueError(
-            f"source {uri!r} ({split} split) yields no labels; classification protocols need a labelled "
-            "source such as synthetic:shapes or folder:PATH in ImageFolder layout"
+            f"source {uri!r} ({split} split) yields no labels{f' ({reason})' if reason else ''}; "
+            "classification protocols need a labelled source such as synthetic:shapes or folder:PATH "
+            "with class folders, PATH/<class>/<image>"
         )
+
+
+def require_labelled_source(uri: str, split: str) -> None:
+    """:func:`require_labels` on ``uri``'s ``split``: to fail before another source's features are made."""
+    require_labels(build_source(uri, split, None), uri, split)
 
 
 def num_classes_of(dataset: Dataset, *labels: torch.Tensor) -> int:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from mimkit.eval.common import data_info, format_table, one_thread_on_cpu, result
-from mimkit.eval.features import describe_encoder, source_features
+from mimkit.eval.features import describe_encoder, require_labelled_source, source_features
 from mimkit.eval.settings import ExtractSettings
 from mimkit.models import Backbone
 
@@ -236,6 +236,8 @@ def knn_eval(
     extract = replace(extract, img_size=extract.image_size(encoder), n_last_blocks=1)
     device, progress = extract.device, extract.progress
     val_source = val_source or train_source
+    if val_source != train_source:  # the same source has the same layout in both splits
+        require_labelled_source(val_source, "val")
     train = source_features(encoder, train_source, "train", extract)
     test = source_features(encoder, val_source, "val", extract)
     num_classes = max(int(train["num_classes"]), int(test["num_classes"]))

@@ -442,6 +442,8 @@ def linear_probe(
     val_source = val_source or train_source
     norm = input_normalization(encoder)
     run = dict(device=device, progress=progress)
+    plain = build_source(train_source, "train", None)
+    require_labels(plain, train_source, "train")  # before the val features are extracted
     test = source_features(encoder, val_source, "val", extract)
     if cached:
         train = source_features(encoder, train_source, "train", extract)
@@ -449,8 +451,6 @@ def linear_probe(
         trainer = train_mae_probe if preset == "mae" else train_grid_probe
         out = trainer(train, test, num_classes, settings, **run)
     else:
-        plain = build_source(train_source, "train", None)
-        require_labels(plain, train_source, "train")
         num_train, num_classes = len(plain), max(num_classes_of(plain), int(test["num_classes"]))
         augmented = build_source(train_source, "train", probe_train_transform(preset, img_size, norm))
         batches = augmented_batches(augmented, encoder, extract, seed=settings.seed)

@@ -8,6 +8,11 @@ ranks. Resuming at step ``s`` of an epoch skips those entries without loading th
 Each sample's augmentation draws from its own generator seeded by ``(seed, epoch, index)``, so
 a sample looks the same whatever the number of workers and whether the epoch was resumed.
 
+Both the sampler and the stream schedule report ``counts()``: samples read and samples skipped as
+bad on this rank, for sources that keep them (a map-style source through a
+:class:`~mimkit.data.bad.SampleCounts` attribute ``counts``), so the trainer logs and judges bad
+data the same way whatever the source.
+
 An iterable source (``wds:`` shards) has no indices to permute: :func:`build_stream_loader` reads a
 resampled stream instead, exactly as many samples per rank and epoch, seeded per position (see
 :class:`StreamSchedule`).
@@ -20,6 +25,8 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
+from mimkit.data.bad import SampleCounts
+
 
 class ResumableShardSampler(Sampler):
     """Yields ``(index, sample_seed)`` pairs of one rank's share of an epoch.
@@ -29,11 +36,21 @@ class ResumableShardSampler(Sampler):
         global_batch: images per optimizer step over all ranks; a last partial batch is dropped.
         rank, world_size: this rank's place.
         seed: the run seed.
+        sample_counts: the dataset's counts of samples read and skipped, where it keeps them.
     """
 
-    def __init__(self, length: int, global_batch: int, rank: int, world_size: int, seed: int):
+    def __init__(
+        self,
+        length: int,
+        global_batch: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        sample_counts: SampleCounts | None = None,
+    ):
         self.length, self.global_batch = length, global_batch
         self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.sample_counts = sample_counts
         self.steps_per_epoch = length // global_batch
         self.epoch, self.start_step = 0, 0
 
@@ -54,6 +71,12 @@ class ResumableShardSampler(Sampler):
         skip = self.start_step * self.global_batch // self.world_size
         for index in share[skip:].tolist():
             yield index, sample_seed(self.seed, self.epoch, index)
+
+    def counts(self) -> tuple[int, int] | None:
+        """(samples read, samples skipped as bad) on this rank, or None for a source that keeps no counts."""
+        if self.sample_counts is None:
+            return None
+        return self.sample_counts.good, self.sample_counts.bad
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -94,7 +117,9 @@ def build_loader(
     pin_memory: bool,
 ) -> tuple[DataLoader, ResumableShardSampler]:
     """The training loader and its sampler (call ``sampler.set_epoch`` before each epoch)."""
-    sampler = ResumableShardSampler(len(dataset), global_batch, rank, world_size, seed)
+    counts = getattr(dataset, "counts", None)
+    sample_counts = counts if isinstance(counts, SampleCounts) else None
+    sampler = ResumableShardSampler(len(dataset), global_batch, rank, world_size, seed, sample_counts)
     loader = DataLoader(
         SeededSamples(dataset),
         batch_size=micro_batch,

@@ -327,21 +327,35 @@ def _warn_if_oversubscribed(workers: int, device: torch.device) -> None:
 
 
 def _data_counts(sampler, dist: Dist, max_bad_fraction: float, step: int) -> dict[str, int]:
-    """Samples read and skipped as bad over all ranks (streams only); too many bad ones stop the run."""
-    if not hasattr(sampler, "counts"):
+    """Samples read and skipped as bad over all ranks, where the source counts them; too many stop the run."""
+    counts = sampler.counts() if hasattr(sampler, "counts") else None
+    if counts is None:
         return {}
-    counts = torch.tensor(sampler.counts(), dtype=torch.float64)
+    counts = torch.tensor(counts, dtype=torch.float64)
     if dist.world_size > 1:
         torch.distributed.all_reduce(counts)
     good, bad = (int(c) for c in counts.tolist())
-    if bad > max_bad_fraction * (good + bad):
+    if _too_many_bad(good, bad, max_bad_fraction):
+        read = good + bad
         raise BadDataError(
-            f"{bad} of {good + bad} samples read by step {step} were bad (skipped: undecodable images, "
-            f"truncated or missing shards), {bad / (good + bad):.2%} > data.max_bad_fraction="
-            f"{max_bad_fraction}; see the warnings above for which shards, fix or rewrite them "
-            "(tools/make_shards.py), or raise data.max_bad_fraction"
+            f"{bad} of {read} samples read by step {step} were bad and skipped (undecodable or truncated "
+            f"images, truncated or missing shards): {bad / read:.2%} > data.max_bad_fraction="
+            f"{max_bad_fraction}. The BadSampleWarning lines above name each file; repair or remove "
+            "those files (shards: rewrite them with tools/make_shards.py), or raise data.max_bad_fraction"
         )
     return {"samples_read": good, "bad_samples": bad}
+
+
+def _too_many_bad(good: int, bad: int, max_bad_fraction: float) -> bool:
+    """Whether the bad share passes ``max_bad_fraction``, judged once enough samples were read.
+
+    Before ``1 / max_bad_fraction`` samples, one bad sample alone is past the share, so judging then
+    would stop a run for a single damaged file met in its first batches, whatever the data.
+    """
+    read = good + bad
+    if max_bad_fraction > 0 and read < 1 / max_bad_fraction:
+        return False
+    return bad > max_bad_fraction * read
 
 
 def build_engine(recipe: Recipe, dist: Dist):

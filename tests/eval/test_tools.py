@@ -141,6 +141,31 @@ def test_a_source_without_labels_is_a_clear_error(tool, encoder, monkeypatch, ca
     assert "'unlabelled:x'" in err and "yields no labels" in err
 
 
+@pytest.mark.parametrize("unlabelled", ["train", "val", "both"])
+@pytest.mark.parametrize("tool", ["knn", "linear_probe"])
+def test_an_unlabelled_folder_is_a_clear_error_before_any_feature(
+    tool, unlabelled, encoder, tmp_path, monkeypatch, capsys
+):
+    from PIL import Image
+
+    for i in range(4):
+        Image.new("RGB", (32, 32), (60 * i, 0, 0)).save(tmp_path / f"{i}.png")
+
+    def no_features(*args, **kwargs):
+        raise AssertionError("features were extracted before the labels were checked")
+
+    for module in ("mimkit.eval.features", "mimkit.eval.linear_probe"):  # by module: the package shadows them
+        monkeypatch.setattr(importlib.import_module(module), "extract_features", no_features)
+    folder = f"folder:{tmp_path}"
+    sources = {"train": folder, "val": DATA} if unlabelled == "train" else {"train": DATA, "val": folder}
+    if unlabelled == "both":
+        sources = {"train": folder, "val": folder}
+    args = ["--encoder", str(encoder), "--train", sources["train"], "--val", sources["val"]]
+    err = _error(tool, args, capsys)
+    assert f"{folder!r}" in err and "yields no labels" in err
+    assert "images sit directly in" in err and "PATH/<class>/<image>" in err
+
+
 def test_options_of_the_other_preset_are_rejected(encoder, capsys):
     err = _error("linear_probe", ["--encoder", str(encoder), "--train", DATA, "--epoch-length", "5"], capsys)
     assert "--epoch-length do not apply to --preset mae" in err
