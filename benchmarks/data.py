@@ -1,18 +1,112 @@
-"""``python tools/benchmark.py data SOURCE [SOURCE ...]``: decoded-and-augmented images/s per worker count.
+"""``python tools/benchmark.py data [SOURCE ...] [--diversity]``: images/s per worker count, and
+the class mix of a batch read from shards.
 
+Images/s: each source decoded and augmented as the trainer reads it, per DataLoader worker count.
 Example, the folder and shard paths on the same images::
 
     python tools/make_shards.py folder:/data/imagenet /data/in1k-wds --format jpg
     python tools/benchmark.py data folder:/data/imagenet wds:/data/in1k-wds/train-index.json \\
         --workers 0 1 2 4 --images 2000 --json benchmarks/data.json
+
+Class mix (``--diversity``): a class-ordered image folder (classes listed one after another, as an
+ImageNet folder is) is written as shards twice, in the writer's default shuffled order and with
+``--keep-order``, and read as the trainer reads ``wds:`` (a resampled stream through the shuffle
+buffer); the mean number of distinct labels per batch is set against the expected number in a
+batch of a random permutation. The defaults copy the recipes' settings at a smaller scale: shards
+of 1000 and a shuffle buffer of 1000 (the ``wds:`` defaults), batches of 32 and 64 (the ViT-L and
+ViT-B micro batches), 1300 images per class (ImageNet's 1281, about one class per shard).
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
+from collections.abc import Sequence
+from pathlib import Path
 
 from benchmarks.common import machine_info
+
+
+def expected_distinct_labels(class_sizes: Sequence[int], batch: int) -> float:
+    """Mean distinct labels in ``batch`` samples drawn without replacement: a random permutation's batch.
+
+    Class ``c`` of ``n_c`` among ``N`` samples is absent from a batch with probability
+    ``C(N - n_c, B) / C(N, B)``, the product of ``(N - n_c - i) / (N - i)`` over ``i < B``.
+    """
+    total = sum(class_sizes)
+    expected = 0.0
+    for size in class_sizes:
+        absent = 1.0
+        for i in range(batch):
+            absent *= max(total - size - i, 0) / (total - i)
+        expected += 1.0 - absent
+    return expected
+
+
+def write_class_ordered_folder(root: Path, classes: int, per_class: int, size: int = 4) -> None:
+    """``classes`` folders of ``per_class`` tiny PNGs each: a folder source lists them class by class."""
+    from PIL import Image
+
+    for c in range(classes):
+        folder = root / f"class{c:04d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.new("RGB", (size, size), (c % 256, i % 256, 0)).save(folder / f"{i:05d}.png")
+
+
+def mean_distinct_labels(source: str, batch: int, batches: int, seed: int = 0) -> float:
+    """Mean distinct labels per batch of a ``wds:`` source read as the trainer reads it.
+
+    One process: each DataLoader worker fills its batches from its own stream, so one stream's
+    batches are what any worker count gives.
+    """
+    from torch.utils.data import DataLoader
+
+    from mimkit.data import build_source
+
+    dataset = build_source(source, "train", None)
+    dataset.configure(resample=True, samples=batch * batches, batch=batch, seed=seed)
+    distinct = [len(set(b["label"].tolist())) for b in DataLoader(dataset, batch_size=batch)]
+    return sum(distinct) / len(distinct)
+
+
+def _diversity(args: argparse.Namespace) -> list[dict]:
+    """Distinct labels per batch, shuffled and kept-order writing, against a random permutation's."""
+    from mimkit.data import write_shards
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="mimkit-diversity-") as tmp:
+        folder = Path(tmp) / "folder"
+        write_class_ordered_folder(folder, args.diversity_classes, args.diversity_per_class)
+        sizes = [args.diversity_per_class] * args.diversity_classes
+        for order in ("shuffled", "source"):
+            out = Path(tmp) / order
+            keep = order == "source"
+            write_shards(
+                f"folder:{folder}", out, shard_size=args.diversity_shard_size, keep_order=keep, progress=False
+            )
+            spec = f"wds:{out}/train-index.json?shuffle={args.diversity_shuffle}"
+            for batch in args.diversity_batch:
+                measured = mean_distinct_labels(spec, batch, args.diversity_batches)
+                expected = expected_distinct_labels(sizes, batch)
+                rows.append(
+                    {
+                        "written": order,
+                        "batch": batch,
+                        "shuffle": args.diversity_shuffle,
+                        "distinct_per_batch": round(measured, 2),
+                        "random_permutation": round(expected, 2),
+                        "ratio": round(measured / expected, 3),
+                    }
+                )
+    print(f"\n{'written':<9} batch  shuffle  distinct/batch  random permutation  ratio")
+    for r in rows:
+        print(
+            f"{r['written']:<9} {r['batch']:>5}  {r['shuffle']:>7}  {r['distinct_per_batch']:>14.2f}  "
+            f"{r['random_permutation']:>18.2f}  {r['ratio']:>5.3f}"
+        )
+    return rows
 
 
 def _images_per_s(source: str, workers: int, images: int, batch: int, img_size: int, transform: str) -> float:
@@ -50,8 +144,8 @@ def _images_per_s(source: str, workers: int, images: int, batch: int, img_size: 
     return count / (time.perf_counter() - start)
 
 
-def run(args: argparse.Namespace) -> dict:
-    """``data``: images/s per worker count for each source."""
+def _speeds(args: argparse.Namespace) -> list[dict]:
+    """Images/s per worker count for each source."""
     from tqdm import tqdm
 
     rows = []
@@ -76,15 +170,40 @@ def run(args: argparse.Namespace) -> dict:
             f"{r['source']:<{width}}  {r['workers']:>7}  {r['images_per_s']:>8.1f}  "
             f"{r['images_per_s_per_worker']:>10.1f}"
         )
+    return rows
+
+
+def run(args: argparse.Namespace) -> dict:
+    """``data``: images/s per worker count for each source; with ``--diversity``, the class mix."""
+    if not args.sources and not args.diversity:
+        raise ValueError("give sources to time, --diversity, or both")
+    machine = machine_info()
     options = {k: getattr(args, k) for k in ("images", "batch", "img_size", "transform", "repeat")}
-    return {"benchmark": "data", "options": options, "machine": machine_info(), "results": rows}
+    result = {"benchmark": "data", "options": options, "machine": machine}
+    result["results"] = _speeds(args) if args.sources else []
+    if args.diversity:
+        keys = ("classes", "per_class", "shard_size", "shuffle", "batch", "batches")
+        result["diversity_options"] = {k: getattr(args, f"diversity_{k}") for k in keys}
+        result["diversity"] = _diversity(args)
+    return result
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("sources", nargs="+", help="source URIs: folder:PATH, wds:INDEX.json, synthetic:...")
+    parser.add_argument("sources", nargs="*", help="source URIs: folder:PATH, wds:INDEX.json, synthetic:...")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="worker counts (0 1 2)")
     parser.add_argument("--images", type=int, default=512, help="timed images per run (default 512)")
     parser.add_argument("--batch", type=int, default=32, help="batch size (default 32)")
     parser.add_argument("--img-size", type=int, default=224, help="augmented image side (default 224)")
     parser.add_argument("--transform", default="pretrain", help="transform kind (default pretrain)")
     parser.add_argument("--repeat", type=int, default=3, help="runs per setting; the best counts (default 3)")
+    parser.add_argument(
+        "--diversity", action="store_true", help="also measure distinct labels per batch of shards"
+    )
+    parser.add_argument("--diversity-classes", type=int, default=100, help="classes (default 100)")
+    parser.add_argument("--diversity-per-class", type=int, default=1300, help="images per class (1300)")
+    parser.add_argument("--diversity-shard-size", type=int, default=1000, help="samples per shard (1000)")
+    parser.add_argument("--diversity-shuffle", type=int, default=1000, help="wds: shuffle buffer (1000)")
+    parser.add_argument(
+        "--diversity-batch", type=int, nargs="+", default=[32, 64], help="batch sizes (32 64)"
+    )
+    parser.add_argument("--diversity-batches", type=int, default=100, help="batches read per setting (100)")

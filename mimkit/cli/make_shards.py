@@ -9,6 +9,10 @@
 Writes ``OUT_DIR/PREFIX-000000.tar ...`` and ``OUT_DIR/PREFIX-index.json`` (PREFIX defaults to the
 split); train on them with ``data.source=wds:OUT_DIR/PREFIX-index.json``. Running the same command
 again after an interruption keeps the complete shards and writes the rest. The index is printed.
+
+Samples are written in a random order (``--seed``, default 0), so that a class-ordered source such
+as an image folder still gives shards, and hence batches, of many classes; ``--keep-order`` writes
+the source's order. The index records which.
 """
 
 from __future__ import annotations
@@ -37,6 +41,14 @@ def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Name
     parser.add_argument(
         "--max-side", type=int, help="re-encode images whose longer side exceeds this many pixels"
     )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the random order the samples are written in (default: 0)"
+    )
+    parser.add_argument(
+        "--keep-order",
+        action="store_true",
+        help="write the samples in the source's order (a class-ordered source then gives one-class shards)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
 
@@ -53,6 +65,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             prefix=args.prefix,
             image_format=args.format,
             max_side=args.max_side,
+            seed=args.seed,
+            keep_order=args.keep_order,
             progress=not args.no_progress,
         )
     except (ValueError, FileNotFoundError) as err:

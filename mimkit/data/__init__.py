@@ -1,5 +1,6 @@
 """Image sources and transforms: every source yields ``{"image", "label", "mask"}`` sample dicts."""
 
+from mimkit.data.bad import BadSampleWarning
 from mimkit.data.folder import IMAGE_EXTENSIONS, ImageFolderSource, load_image
 from mimkit.data.sample import SPLITS, make_sample
 from mimkit.data.shards import write_shards
@@ -25,7 +26,7 @@ from mimkit.data.transforms import (
     eval_transform,
     pretrain_transform,
 )
-from mimkit.data.wds import BadSampleWarning, Shard, WebDatasetSource, resolve_shards
+from mimkit.data.wds import Shard, ShardSet, WebDatasetSource, resolve_shards
 
 __all__ = [
     "BadSampleWarning",
@@ -38,6 +39,7 @@ __all__ = [
     "SPLITS",
     "SYNTHETIC_SETS",
     "Shard",
+    "ShardSet",
     "TRANSFORM_KINDS",
     "WebDatasetSource",
     "ImageFolderSource",

@@ -1,137 +1,247 @@
-"""The ``wds:`` source: webdataset tar shards as a stream of sample dicts.
+"""The ``wds:`` source: webdataset tar shards, local or at any URL, as a stream of sample dicts.
 
 Spec forms (after ``wds:``)::
 
     wds:/data/in1k/train-index.json                    the index tools/make_shards.py writes
+    wds:http://host:8000/in1k/train-index.json         an index at a URL, its shards beside it
     wds:/data/in1k/train-{000000..000127}.tar          brace ranges (and {a,b} lists)
     wds:/a/train-{0..3}.tar,/b/extra-{0..1}.tar        several comma-separated patterns
-    wds:...?shuffle=2000&resample=1                    options (defaults: shuffle=1000, resample=0)
+    wds:pipe:cat /data/train-{0..3}.tar                any URL webdataset opens: pipe:, file:, http(s):
+    wds:...?shuffle=2000&resample=1&seed=0             options (defaults: shuffle=1000, resample=0, seed=0)
 
-Sample counts and class names come from the index; for shard patterns, from a ``*-index.json``
-beside the shards that lists them, else by reading the tar headers once.
+Sample counts, class names and the members of a whole sample come from the index. Its shard names
+resolve against the index's own location, so an index fetched from a URL reads the shards beside
+it, and a name may itself be a URL or absolute path (a local index of remote shards). For a
+pattern, counts come from an index beside the shards (any ``*-index.json`` in a local shard's
+folder; ``PREFIX-index.json`` beside an http(s) shard named ``PREFIX-NNNNNN.tar``), failing that
+from reading each shard through once.
 
-Iteration splits the shards over ranks (``torch.distributed`` when it is initialised, or
-:meth:`WebDatasetSource.configure`) and then over DataLoader workers. Two modes:
+Reading is a webdataset pipeline, built afresh for each iteration: the shard list, split over ranks
+and DataLoader workers; each shard's members grouped into samples by webdataset's tar reader, one
+shard at a time, keeping whole samples only; a shuffle buffer of ``shuffle`` samples (0: off);
+decoding; the transform; this worker's quota. Ranks come from :meth:`WebDatasetSource.configure`
+or, without it, ``torch.distributed``. Two modes:
 
-- **one pass** (``resample=0``): each epoch the shard list is shuffled from ``(seed, epoch)``, rank
-  ``r`` of ``w`` takes every ``w``-th shard, worker ``k`` of ``n`` every ``n``-th of those, so
-  every sample is read exactly once per epoch over all ranks and workers;
-- **resampled** (``resample=1``): each worker draws shards at random with replacement from its own
-  generator seeded by ``(seed, epoch, start, rank, worker)``, forever, or until it has produced its
-  share of ``configure(samples=...)``; the trainer uses this mode so every rank sees exactly
-  ``steps_per_epoch x global_batch / world_size`` samples per epoch, and a resumed run (``start``
-  > 0) continues from a new, seeded position rather than repeating the epoch's start.
+- **one pass** (``resample=0``): a :class:`~webdataset.SimpleShardList` shuffled from
+  ``(seed, epoch)`` (the same order on every rank); rank ``r`` of ``w`` takes every ``w``-th shard,
+  worker ``k`` of ``n`` every ``n``-th of those, so every sample is read exactly once per epoch
+  over all ranks and workers;
+- **resampled** (``resample=1``): each worker draws shards with replacement from a
+  :class:`~webdataset.ResampledShards` seeded by ``(seed, epoch, start, rank, worker)``, forever,
+  or until it has produced its share of ``configure(samples=...)``; the trainer uses this mode so
+  every rank sees exactly ``steps_per_epoch x global_batch / world_size`` samples per epoch, and a
+  resumed run (``start`` > 0) continues from a new, seeded position rather than repeating the
+  epoch's start.
 
-In both modes samples pass through a shuffle buffer of ``shuffle`` samples (0: off). A sample is
-``{"image", "label", "mask"}`` as from every other source (see :mod:`mimkit.data.sample`).
+The shuffle buffer and each sample's augmentation draw from their own generators seeded the same
+way, so a stream is reproducible from its position. A sample is ``{"image", "label", "mask"}`` as
+from every other source (see :mod:`mimkit.data.sample`).
 
-Bad data never stops the stream: a missing shard, a truncated tar or an image that fails to decode
-is skipped with a warning and counted in :attr:`WebDatasetSource.bad_samples` (shared by all
-workers); the trainer logs the count and stops only past ``data.max_bad_fraction``.
+Bad data never stops the stream: a missing or unreachable shard, a shard cut short (inside a
+member, inside a header or between samples), a sample missing a member, and an image that fails
+to decode are skipped, each with a :class:`~mimkit.data.bad.BadSampleWarning` naming the shard or
+sample, and counted in :attr:`WebDatasetSource.counts` (shared by all workers). webdataset's tar
+reader stops silently at some damage (a header cut short or with a bad checksum), so a shard's loss
+is what its index count says is missing, not only what raised. The trainer logs the counts and
+stops only past ``data.max_bad_fraction``.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import json
-import multiprocessing
 import os
 import random
+import re
 import tarfile
-import warnings
-from collections.abc import Iterator
-from dataclasses import dataclass
+import urllib.request
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urljoin, urlparse
+from urllib.request import url2pathname
 
 import torch
+import webdataset as wds
 from braceexpand import braceexpand
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 from torchvision.transforms.v2 import functional as F
 
+from mimkit.data.bad import BadSampleWarning, SampleCounts
 from mimkit.data.sample import Transform, check_split, make_sample
-from mimkit.data.shards import INDEX_FORMAT
+from mimkit.data.shards import IMAGE_MEMBERS, INDEX_FORMAT, close_stream, shard_contents
 from mimkit.data.sources import register_scheme
 
-IMAGE_KEYS = ("png", "jpg", "jpeg", "webp", "ppm", "bmp")
+__all__ = ["BadSampleWarning", "Shard", "ShardSet", "WebDatasetSource", "resolve_shards"]
+
 OPTIONS = {"shuffle": 1000, "resample": 0, "seed": 0}
-
-
-class BadSampleWarning(UserWarning):
-    """A sample, a shard or part of a shard was skipped."""
+INDEX_TIMEOUT_S = 60
+# Resampling draws shards forever; this many draws in a row without one readable sample means
+# the set cannot be read at all (unmounted, server down), which skipping cannot fix.
+MAX_EMPTY_DRAWS_PER_SHARD = 10
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")  # two letters at least: "C:" is no scheme
+_NUMBERED_SHARD = re.compile(r"^(.*)-\d+\.tar$")
 
 
 @dataclass(frozen=True)
 class Shard:
-    """One tar shard: its path and sample count (None where no index gives it)."""
+    """One tar shard: where webdataset opens it (a path or URL) and its sample count (None: unknown)."""
 
-    path: str
+    url: str
     samples: int | None
 
 
-def _read_index(path: Path) -> dict[str, Any]:
+@dataclass(frozen=True)
+class ShardSet:
+    """What a ``wds:`` spec names: the shards, the class names and the members of a whole sample.
+
+    ``members`` empty means unknown (an older index, or none): a whole sample then needs an image,
+    and a ``cls`` where there are class names.
+    """
+
+    shards: list[Shard]
+    class_names: list[str] = field(default_factory=list)
+    members: list[str] = field(default_factory=list)
+
+
+def _is_url(location: str) -> bool:
+    return bool(_SCHEME.match(location))
+
+
+def _local_path(location: str) -> Path | None:
+    """The file a location names on this machine (a path or a ``file:`` URL), None for other URLs."""
+    if location.startswith("file:"):
+        return Path(url2pathname(urlparse(location).path))
+    if _is_url(location):
+        return None
+    return Path(location).expanduser().absolute()
+
+
+def _read_text(location: str) -> str:
+    """An index's text from a path or any URL: urllib for http(s), webdataset's opener for the rest."""
+    path = _local_path(location)
+    if path is not None:
+        if not path.is_file():
+            raise FileNotFoundError(f"shard index {location} not found (tools/make_shards.py writes it)")
+        return path.read_text()
     try:
-        index = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise ValueError(f"cannot read the shard index {path}: {err}") from err
+        if location.startswith(("http://", "https://")):
+            with urllib.request.urlopen(location, timeout=INDEX_TIMEOUT_S) as response:
+                return response.read().decode()
+        with wds.gopen(location, "rb") as stream:
+            return stream.read().decode()
+    except OSError as err:
+        raise FileNotFoundError(f"cannot fetch the shard index {location}: {err}") from err
+
+
+def _read_index(location: str) -> dict[str, Any]:
+    try:
+        index = json.loads(_read_text(location))
+    except ValueError as err:
+        raise ValueError(f"cannot read the shard index {location}: {err}") from err
     if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT:
-        raise ValueError(f"{path} is not a mimkit shard index (expected format {INDEX_FORMAT!r})")
+        raise ValueError(f"{location} is not a mimkit shard index (expected format {INDEX_FORMAT!r})")
     return index
 
 
-def _count_members(path: str) -> int | None:
-    """Samples in a tar by reading its headers (None when it cannot be read)."""
-    keys = set()
+def _shard_location(index_location: str, name: str) -> str:
+    """Where an index's shard ``name`` is: a URL or absolute path as it is, else beside the index."""
+    if _is_url(name):
+        return name
+    if os.path.isabs(os.path.expanduser(name)):
+        return os.path.expanduser(name)
+    if not _is_url(index_location):
+        return str(_local_path(index_location).parent / name)
+    return urljoin(index_location, name)  # http(s) and file: URLs; a pipe: index names shards in full
+
+
+def _index_set(location: str) -> ShardSet:
+    index = _read_index(location)
+    shards = [Shard(_shard_location(location, s["name"]), int(s["samples"])) for s in index["shards"]]
+    return ShardSet(shards, list(index.get("class_names", [])), list(index.get("members", [])))
+
+
+def _split_patterns(spec: str) -> list[str]:
+    """Split at the commas between patterns, not at those of a ``{a,b}`` list inside one."""
+    patterns, depth, start = [], 0, 0
+    for i, char in enumerate(spec):
+        depth += {"{": 1, "}": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            patterns.append(spec[start:i])
+            start = i + 1
+    patterns.append(spec[start:])
+    return [p for p in patterns if p]
+
+
+def _expand(spec: str) -> list[str]:
+    """The shard locations of comma-separated brace patterns; local paths made absolute."""
+    locations = [loc for pattern in _split_patterns(spec) for loc in braceexpand(pattern)]
+    return [loc if _is_url(loc) else str(_local_path(loc)) for loc in locations]
+
+
+def _indexes_beside(locations: list[str]) -> list[str]:
+    """Index files that may count the shards at ``locations``."""
+    found = []
+    for folder in sorted({str(Path(loc).parent) for loc in locations if not _is_url(loc)}):
+        found.extend(str(p) for p in sorted(Path(folder).glob("*-index.json")))
+    for loc in locations:
+        match = _NUMBERED_SHARD.match(loc)
+        if loc.startswith(("http://", "https://")) and match and f"{match[1]}-index.json" not in found:
+            found.append(f"{match[1]}-index.json")
+    return found
+
+
+def _count_by_reading(location: str) -> tuple[int | None, set[str]]:
+    """A shard's sample count and common members by reading it through; (None, set()) if it cannot be read."""
     try:
-        with tarfile.open(path, "r") as tar:
-            for member in tar:
-                key, _, ext = member.name.partition(".")
-                if ext.lower() in IMAGE_KEYS:
-                    keys.add(key)
-    except (OSError, tarfile.TarError, EOFError):
-        return None
-    return len(keys)
+        return shard_contents(location)
+    except (OSError, tarfile.TarError, ValueError):  # reported, and counted, when the stream meets it
+        return None, set()
 
 
-def resolve_shards(spec: str) -> tuple[list[Shard], list[str]]:
-    """The shards and class names named by a ``wds:`` spec (without its ``?options``)."""
+def _pattern_set(spec: str) -> ShardSet:
+    locations = _expand(spec)
+    if not locations:
+        raise ValueError(f"wds:{spec} names no shards")
+    counts: dict[str, int] = {}
+    class_names: list[str] = []
+    members: list[str] = []
+    for index_location in _indexes_beside(locations):
+        try:
+            known = _index_set(index_location)
+        except (ValueError, FileNotFoundError):
+            continue  # not a mimkit index, or none at that URL: the shards may still be counted
+        counts.update((s.url, s.samples) for s in known.shards)
+        class_names = class_names or known.class_names
+        members = members or known.members
+    shards, common = [], None
+    for loc in locations:
+        n = counts.get(loc)
+        if n is None:
+            n, found = _count_by_reading(loc)
+            if n:
+                common = found if common is None else common & found
+        shards.append(Shard(loc, n))
+    if all(s.samples is None for s in shards):
+        raise FileNotFoundError(
+            f"none of the {len(locations)} shards of wds:{spec} can be read (first: {locations[0]})"
+        )
+    return ShardSet(shards, class_names, members or sorted(common or ()))
+
+
+def resolve_shards(spec: str) -> ShardSet:
+    """The shards, class names and sample members named by a ``wds:`` spec (without its ``?options``)."""
     if not spec:
         raise ValueError(
             "wds: needs shards, e.g. wds:/data/train-{000000..000127}.tar or wds:/data/train-index.json"
         )
     if spec.endswith(".json"):
-        path = Path(spec).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"shard index {path} not found (tools/make_shards.py writes it)")
-        index = _read_index(path)
-        shards = [Shard(str(path.parent / s["name"]), int(s["samples"])) for s in index["shards"]]
-        return shards, list(index.get("class_names", []))
-
-    paths = [os.path.expanduser(p) for pattern in spec.split(",") if pattern for p in braceexpand(pattern)]
-    if not paths:
-        raise ValueError(f"wds:{spec} names no shards")
-    counts: dict[str, int] = {}
-    class_names: list[str] = []
-    for folder in sorted({os.path.dirname(p) or "." for p in paths}):
-        for index_path in sorted(Path(folder).glob("*-index.json")):
-            try:
-                index = _read_index(index_path)
-            except ValueError:
-                continue
-            for s in index["shards"]:
-                counts[str(index_path.parent / s["name"])] = int(s["samples"])
-            class_names = class_names or list(index.get("class_names", []))
-    shards = []
-    for p in paths:
-        n = counts.get(str(Path(p)))
-        shards.append(Shard(p, n if n is not None else _count_members(p)))
-    if all(s.samples is None for s in shards):
-        raise FileNotFoundError(
-            f"none of the {len(paths)} shards of wds:{spec} can be read (first: {paths[0]})"
-        )
-    return shards, class_names
+        return _index_set(spec)
+    return _pattern_set(spec)
 
 
 def _parse_options(query: str, spec: str) -> dict[str, int]:
@@ -152,11 +262,41 @@ def _parse_options(query: str, spec: str) -> dict[str, int]:
 
 
 def _mix(*parts: int) -> int:
-    """A 63-bit seed from several integers (stable across processes, unlike hash())."""
+    """A 63-bit seed from several integers (stable across processes, unlike hash() of a tuple)."""
     h = 0x9E3779B97F4A7C15
     for p in parts:
         h = ((h ^ (p & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
     return h >> 1
+
+
+# The generators a worker's stream draws from, each seeded by the stream position and its own tag.
+_SHARDS, _BUFFER, _AUGMENT = 0, 1, 2
+
+
+def _no_worker_seed() -> int:
+    """ResampledShards' worker seed: the stream seed it is given already holds rank and worker."""
+    return 0
+
+
+def _every_nth(src: Iterable, offset: int, step: int) -> Iterator:
+    return islice(src, offset, None, step)
+
+
+every_nth = wds.pipelinefilter(_every_nth)
+
+
+_PROCESS_EXIT = re.compile(r"^\(\(\[?'([^' ]+).*: exit (\d+) \(read\)")
+
+
+def _describe(exn: BaseException) -> str:
+    """An exception as one line, without the stream objects webdataset appends to its arguments."""
+    text = str(exn.args[0]) if exn.args else ""
+    if isinstance(exn, OSError) and exn.strerror:
+        text = exn.strerror
+    exited = _PROCESS_EXIT.match(text)  # webdataset's pipe: "(('curl', ...), {...}): exit 7 (read)"
+    if exited:
+        return f"{exited[1]} exited with status {exited[2]}"
+    return f"{type(exn).__name__}: {text.split(' @ ')[0]}"
 
 
 def _decode_rgb(data: bytes) -> torch.Tensor:
@@ -169,59 +309,11 @@ def _decode_mask(data: bytes) -> torch.Tensor:
         return F.pil_to_tensor(img.convert("L"))[0]
 
 
-class TruncatedMember(EOFError):
-    """A tar stream ends inside the data of the member ``name``."""
+class UndecodableSample(ValueError):
+    """A whole sample whose image, label or mask does not decode; carries the sample's name."""
 
-    def __init__(self, name: str):
-        super().__init__(f"unexpected end of data in tar member {name}")
-        self.name = name
-
-
-def _field(header: bytes, start: int, length: int) -> int:
-    text = header[start : start + length].split(b"\0", 1)[0].strip()
-    return int(text, 8) if text else 0
-
-
-def tar_members(f) -> Iterator[tuple[str, bytes]]:
-    """(name, data) of the regular files in a tar stream, in order.
-
-    A lean reader for the ustar/GNU/pax tars that webdataset tools write, about twice as fast as
-    :mod:`tarfile`'s stream mode on small members; a bad header checksum raises
-    ``tarfile.TarError`` and a stream cut short ``EOFError``.
-    """
-    long_name = None
-    while True:
-        header = f.read(512)
-        if not header or header == bytes(512):
-            return  # end-of-archive blocks (or a tar that simply stops at a member boundary)
-        if len(header) < 512:
-            raise EOFError("unexpected end of data in a tar header")
-        checksum = sum(header[:148]) + 8 * 32 + sum(header[156:])
-        if checksum != _field(header, 148, 8):
-            raise tarfile.TarError("bad tar header checksum")
-        size = _field(header, 124, 12)
-        data = f.read(size)
-        if len(data) < size:
-            raise TruncatedMember(long_name or header[:100].split(b"\0", 1)[0].decode())
-        f.read(-size % 512)
-        kind = header[156:157]
-        if kind == b"L":  # GNU long name: the next member's name
-            long_name = data.rstrip(b"\0").decode()
-            continue
-        if kind == b"x":  # pax extended header: may carry the next member's path
-            for record in data.decode().splitlines():
-                _, _, keyval = record.partition(" ")
-                if keyval.startswith("path="):
-                    long_name = keyval[5:]
-            continue
-        if kind in (b"0", b"\0"):
-            name = long_name
-            if name is None:
-                prefix = header[345:500].split(b"\0", 1)[0].decode()
-                name = header[:100].split(b"\0", 1)[0].decode()
-                name = f"{prefix}/{name}" if prefix else name
-            yield name, data
-        long_name = None
+    def __init__(self, name: str, err: Exception):
+        super().__init__(f"sample {name} cannot be decoded ({err}); skipped")
 
 
 class WebDatasetSource(IterableDataset):
@@ -231,6 +323,8 @@ class WebDatasetSource(IterableDataset):
         shards: the shards, with their sample counts.
         class_names: class names, from the index.
         transform: applied jointly to image and mask, under a per-sample seed.
+        members: the members every whole sample has (from the index; empty: an image, and a
+            ``cls`` where there are class names).
         shuffle: shuffle buffer size in samples (0: read order).
         resample: draw shards with replacement, endlessly (or up to ``configure(samples=...)``).
         seed: seeds shard order, buffer and augmentations (with the epoch, rank and worker).
@@ -242,6 +336,7 @@ class WebDatasetSource(IterableDataset):
         class_names: list[str] | tuple[str, ...] = (),
         transform: Transform | None = None,
         *,
+        members: list[str] | tuple[str, ...] = (),
         shuffle: int = OPTIONS["shuffle"],
         resample: bool = False,
         seed: int = 0,
@@ -251,6 +346,7 @@ class WebDatasetSource(IterableDataset):
         self.shards = list(shards)
         self.class_names = list(class_names)
         self.transform = transform
+        self.members = tuple(members)
         self.shuffle = shuffle
         self.resample = bool(resample)
         self.seed = seed
@@ -259,8 +355,8 @@ class WebDatasetSource(IterableDataset):
         self.world_size: int | None = None
         self.samples: int | None = None
         self.batch = 1
-        # [samples yielded, samples skipped as bad], shared with the DataLoader's worker processes
-        self._counts = multiprocessing.Array("q", 2)
+        self.counts = SampleCounts()
+        self._by_url = {s.url: s for s in self.shards}
 
     def __len__(self) -> int:
         """Samples in one pass over all shards: the epoch length."""
@@ -269,12 +365,12 @@ class WebDatasetSource(IterableDataset):
     @property
     def good_samples(self) -> int:
         """Samples yielded so far, by all workers."""
-        return int(self._counts[0])
+        return self.counts.good
 
     @property
     def bad_samples(self) -> int:
-        """Samples skipped so far (undecodable, in a truncated tar or a missing shard), by all workers."""
-        return int(self._counts[1])
+        """Samples skipped so far (undecodable, partial, in a truncated or missing shard), by all workers."""
+        return self.counts.bad
 
     def configure(
         self,
@@ -308,6 +404,7 @@ class WebDatasetSource(IterableDataset):
         return self
 
     def _place(self) -> tuple[int, int, int, int]:
+        """(rank, world size, worker, workers) of the iteration about to run."""
         rank, world = self.rank, self.world_size
         if rank is None or world is None:
             if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -319,59 +416,105 @@ class WebDatasetSource(IterableDataset):
         return rank, world, worker, workers
 
     def _quota(self, worker: int, workers: int) -> int | None:
+        """This worker's samples: its share of the rank's whole batches, dealt round robin."""
         if self.samples is None:
             return None
         batches = self.samples // self.batch
         return len(range(worker, batches, workers)) * self.batch
 
-    def _shard_stream(self, rng: random.Random, rank: int, world: int, worker: int, workers: int):
+    def _shard_list(self, rank: int, world: int, worker: int, workers: int) -> list:
+        """The pipeline's first stages: which shards this worker reads, in which order."""
+        urls = [s.url for s in self.shards]
         if self.resample:
-            while True:
-                yield rng.choice(self.shards)
-        order = list(self.shards)
-        if self.shuffle:
-            random.Random(_mix(self.seed, self.epoch)).shuffle(order)  # the same order on every rank
-        yield from order[rank::world][worker::workers]
+            seed = _mix(self.seed, self.epoch, self.start, rank, worker, _SHARDS)
+            return [wds.ResampledShards(urls, seed=seed, worker_seed=_no_worker_seed, deterministic=True)]
+        # one order for every rank, from (seed, epoch) alone, so the ranks' slices partition it
+        order_seed = _mix(self.seed, self.epoch) if self.shuffle else None
+        shard_list = wds.SimpleShardList(urls, seed=order_seed)
+        return [shard_list, every_nth(rank, world), every_nth(worker, workers)]
 
-    def _bad(self, count: int, message: str) -> None:
-        with self._counts.get_lock():
-            self._counts[1] += count
-        warnings.warn(message, BadSampleWarning, stacklevel=2)
+    def _is_whole(self, sample: dict[str, Any]) -> bool:
+        """Whether a sample has every member: a cut shard leaves part of one, which collate fails on."""
+        if self.members:
+            return all(m in sample for m in self.members)
+        has_image = any(k in sample for k in IMAGE_MEMBERS)
+        return has_image and ("cls" in sample or not self.class_names)
 
-    def _raw_samples(self, shard: Shard) -> Iterator[dict[str, bytes]]:
-        """The member groups of one shard, by key; damage is counted and ends the shard."""
-        read = 0
-        group: dict[str, bytes] = {}
-        key = None
+    def _whole_samples(self, sources: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """The whole samples of each shard in turn; a resampled set with nothing readable raises."""
+        empty_draws = 0
+        for source in sources:
+            shard = self._by_url.get(source["url"], Shard(source["url"], None))
+            whole = yield from self._read_shard(shard)
+            empty_draws = 0 if whole else empty_draws + 1
+            if self.resample and empty_draws > MAX_EMPTY_DRAWS_PER_SHARD * len(self.shards):
+                raise RuntimeError(
+                    f"no readable sample in {empty_draws} shard draws from {self.shards[0].url}...; "
+                    "see the BadSampleWarning lines above"
+                )
+
+    def _read_shard(self, shard: Shard) -> Iterator[dict[str, Any]]:
+        """One shard through webdataset's tar reader (one shard at a time, so no sample spans two).
+
+        The reader's handler notes the first error and lets it read on; a sample the damage left
+        without some member is dropped here. The loss is counted once the shard is done (not when
+        a quota ends the reading mid-shard). Returns the number of whole samples.
+        """
+        errors: list[Exception] = []
+
+        def note_and_continue(exn: Exception) -> bool:
+            errors.append(exn)
+            return True
+
+        source = {"url": shard.url}
+        whole = partial = 0
         try:
-            with open(shard.path, "rb", buffering=1 << 20) as f:
-                for name, data in tar_members(f):
-                    k, _, ext = os.path.basename(name).partition(".")
-                    if k != key and group:  # a new key: the previous sample is whole
-                        read += 1
-                        yield group
-                        group = {}
-                    key = k
-                    group["__key__"] = f"{os.path.basename(shard.path)}:{k}".encode()
-                    group[ext.lower()] = data
-            if group:
-                read += 1
-                yield group
-        except FileNotFoundError:
-            lost = shard.samples or 1  # a shard no index counts still held something
-            self._bad(lost, f"shard {shard.path} is missing; skipped ({lost} samples)")
-        except TruncatedMember as err:
-            if group and os.path.basename(err.name).partition(".")[0] != key:
-                read += 1  # the cut is in the next sample: the one read so far is whole
-                yield group
-            lost = max(1, (shard.samples or 0) - read)
-            self._bad(lost, f"shard {shard.path} is damaged after {read} samples ({err}); skipped {lost}")
-        except (OSError, EOFError, tarfile.TarError) as err:
-            lost = max(1, (shard.samples or 0) - read)
-            self._bad(lost, f"shard {shard.path} is damaged after {read} samples ({err}); skipped {lost}")
+            for sample in wds.tarfile_samples([source], handler=note_and_continue):
+                if self._is_whole(sample):
+                    whole += 1
+                    yield sample
+                else:
+                    partial += 1
+        except BaseException:  # stopped early (a quota reached): the reader's exit status means nothing
+            close_stream(source)
+            raise
+        # a download's process exiting with an error is the cause of what the tar reader then met
+        error = close_stream(source) or (errors[0] if errors else None)
+        self._count_shard_loss(shard, whole, partial, error)
+        return whole
 
-    def _decode(self, raw: dict[str, bytes], seed: int) -> dict[str, torch.Tensor] | None:
-        image_key = next((k for k in IMAGE_KEYS if k in raw), None)
+    def _count_shard_loss(self, shard: Shard, whole: int, partial: int, error: Exception | None) -> None:
+        """Count and report what a shard read through did not deliver.
+
+        Against the index's count where there is one: the tar reader ends quietly at a header cut
+        short or with a bad checksum, so an error alone would miss those losses.
+        """
+        expected = shard.samples
+        if expected is not None:
+            lost = max(expected - whole, partial)
+        else:
+            lost = max(partial, int(error is not None))
+        if not lost and error is None:
+            return
+        if error is not None:
+            reason = _describe(error)
+        elif partial:
+            reason = "it ends inside a sample"
+        else:
+            reason = "it ends early"
+        of = f" of {expected}" if expected is not None else ""
+        if whole == 0 and isinstance(error, FileNotFoundError):
+            message = f"shard {shard.url} is missing; skipped ({lost} samples)"
+        elif whole == 0 and error is not None:
+            message = f"shard {shard.url} cannot be read ({reason}); skipped {lost} samples"
+        else:
+            message = f"shard {shard.url} is damaged after {whole}{of} samples ({reason}); skipped {lost}"
+        self.counts.skipped(lost, message)
+
+    def _decode(self, raw: dict[str, Any]) -> dict[str, Any]:
+        """A whole sample's bytes as a uint8 image, an int label and a mask (where present)."""
+        name = f"{raw['__url__'].rsplit('/', 1)[-1]}:{raw['__key__']}"
+        image_key = next((k for k in IMAGE_MEMBERS if k in raw), None)
         try:
             if image_key is None:
                 raise ValueError(f"no image among the members {sorted(raw)}")
@@ -379,57 +522,55 @@ class WebDatasetSource(IterableDataset):
             label = int(raw["cls"].decode()) if "cls" in raw else None
             mask = _decode_mask(raw["seg.png"]) if "seg.png" in raw else None
         except Exception as err:  # PIL raises OSError, SyntaxError, ValueError... depending on the codec
-            self._bad(1, f"sample {raw['__key__'].decode()} cannot be decoded ({err}); skipped")
-            return None
-        if self.transform is None:
-            return make_sample(image, label=label, mask=mask)
-        with torch.random.fork_rng(devices=[]):  # leave the caller's stream (e.g. the masks) alone
-            # the CPU generator alone: torch.manual_seed also queues lazy CUDA/XPU seeding (~0.5 ms each)
-            torch.default_generator.manual_seed(seed)
-            return make_sample(image, label=label, mask=mask, transform=self.transform)
+            raise UndecodableSample(name, err) from err
+        return {"image": image, "label": label, "mask": mask}
+
+    def _skip_undecodable(self, exn: Exception) -> bool:
+        """webdataset's handler for the decoding stage: count, warn and go on; anything else is a bug."""
+        if isinstance(exn, UndecodableSample):
+            self.counts.skipped(1, str(exn))
+            return True
+        raise exn
+
+    def _transformed(self, decoded: Iterable[dict[str, Any]], rng: random.Random) -> Iterator[dict]:
+        """Each decoded sample under its own seed, counted as delivered."""
+        for d in decoded:
+            seed = rng.getrandbits(63)
+            parts = {"label": d["label"], "mask": d["mask"]}
+            if self.transform is None:
+                sample = make_sample(d["image"], **parts)
+            else:
+                with torch.random.fork_rng(devices=[]):  # leave the caller's stream (e.g. the masks) alone
+                    # the CPU generator alone: torch.manual_seed also queues lazy CUDA/XPU seeding
+                    torch.default_generator.manual_seed(seed)
+                    sample = make_sample(d["image"], **parts, transform=self.transform)
+            self.counts.delivered()
+            yield sample
+
+    def pipeline(self) -> wds.DataPipeline:
+        """The webdataset pipeline of one iteration at the configured position, in this process."""
+        rank, world, worker, workers = self._place()
+        position = (self.seed, self.epoch, self.start, rank, worker)
+        stages = [*self._shard_list(rank, world, worker, workers), self._whole_samples]
+        if self.shuffle:
+            rng = random.Random(_mix(*position, _BUFFER))
+            # filled before the first draw: a half-full buffer would start each epoch less mixed
+            stages.append(wds.shuffle(self.shuffle, initial=self.shuffle, rng=rng))
+        augment = random.Random(_mix(*position, _AUGMENT))
+        stages += [
+            wds.map(self._decode, handler=self._skip_undecodable),
+            functools.partial(self._transformed, rng=augment),
+        ]
+        quota = self._quota(worker, workers)
+        if quota is not None:
+            stages.append(wds.slice(quota))
+        return wds.DataPipeline(*stages)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        rank, world, worker, workers = self._place()
-        quota = self._quota(worker, workers)
-        rng = random.Random(_mix(self.seed, self.epoch, self.start, rank, worker))
-        buffer: list[dict[str, bytes]] = []
-        produced = 0
-        if quota == 0:  # fewer batches than workers: this worker has none
-            return
-
-        def emit(raw):
-            nonlocal produced
-            sample = self._decode(raw, rng.getrandbits(63))
-            if sample is not None:
-                produced += 1
-                with self._counts.get_lock():
-                    self._counts[0] += 1
-            return sample
-
-        empty_draws = 0
-        for shard in self._shard_stream(rng, rank, world, worker, workers):
-            got = 0
-            for raw in self._raw_samples(shard):
-                got += 1
-                buffer.append(raw)
-                if len(buffer) > self.shuffle:
-                    j = rng.randrange(len(buffer))
-                    buffer[j], buffer[-1] = buffer[-1], buffer[j]
-                    sample = emit(buffer.pop())
-                    if sample is not None:
-                        yield sample
-                    if quota is not None and produced >= quota:
-                        return
-            empty_draws = 0 if got else empty_draws + 1
-            if self.resample and empty_draws > 10 * len(self.shards):
-                raise RuntimeError(
-                    f"no readable sample in {empty_draws} shard draws from {self.shards[0].path}..."
-                )
-        rng.shuffle(buffer)
-        while buffer and (quota is None or produced < quota):
-            sample = emit(buffer.pop())
-            if sample is not None:
-                yield sample
+        _, _, worker, workers = self._place()
+        if self._quota(worker, workers) == 0:  # fewer batches than workers: this worker has none
+            return iter(())
+        return iter(self.pipeline())
 
     def __repr__(self) -> str:
         mode = "resampled" if self.resample else "one-pass"
@@ -442,11 +583,12 @@ def _wds(spec: str, split: str, transform: Transform | None) -> WebDatasetSource
     check_split(split)  # the shards are one split already; the spec names which
     path, _, query = spec.partition("?")
     options = _parse_options(query, spec)
-    shards, class_names = resolve_shards(path)
+    shard_set = resolve_shards(path)
     return WebDatasetSource(
-        shards,
-        class_names,
+        shard_set.shards,
+        shard_set.class_names,
         transform,
+        members=shard_set.members,
         shuffle=options["shuffle"],
         resample=bool(options["resample"]),
         seed=options["seed"],

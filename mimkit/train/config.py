@@ -479,7 +479,8 @@ def _check_values(r: Recipe, check_data: bool) -> None:
             f"data.source {d.source!r}: the folder {spec!r} does not exist (or is not a directory)"
         )
     index = spec.partition("?")[0]
-    if check_data and scheme == "wds" and index.endswith(".json") and not Path(index).expanduser().is_file():
+    local_index = index.endswith(".json") and not re.match(r"[A-Za-z][A-Za-z0-9+.-]+:", index)  # not a URL
+    if check_data and scheme == "wds" and local_index and not Path(index).expanduser().is_file():
         raise RecipeError(
             f"data.source {d.source!r}: the shard index {index!r} does not exist; write the shards "
             "with tools/make_shards.py SOURCE OUT_DIR (it writes OUT_DIR/train-index.json)"

@@ -45,9 +45,10 @@ def _env() -> dict:
 def _corrupt_one_image(shard: Path) -> None:
     with tarfile.open(shard) as tar:
         members = [(m, tar.extractfile(m).read()) for m in tar]
+    images = [i for i, (m, _) in enumerate(members) if m.name.endswith(".png") and ".seg." not in m.name]
     with tarfile.open(shard, "w") as tar:
         for i, (m, data) in enumerate(members):
-            data = b"garbage" if i == 3 else data  # the image of the shard's second sample
+            data = b"garbage" if i == images[1] else data  # the image of the shard's second sample
             m.size = len(data)
             tar.addfile(m, io.BytesIO(data))
 
