@@ -14,6 +14,11 @@ side, i.e. every decoder and CAE's regressor, and the rest), the achieved FLOP/s
 the measured matmul peak (:mod:`benchmarks.peak`, same shapes, the path's dtype), the peak
 memory during its steps (resident set size on CPU, max allocated on GPU), and the time to draw
 the batch's masks.
+
+``--method finetune`` (alone) times fine-tuning instead: the ``finetune`` method from
+``recipes/finetune/default.yaml`` (layer decay, Mixup/CutMix, drop path) in the same engine, fed
+images and labels, against a plain timm fine-tuning step of the same model and weights
+(:mod:`benchmarks.finetune_reference`).
 """
 
 from __future__ import annotations
@@ -35,6 +40,10 @@ from benchmarks.reference import ReferenceMAE, reference_optimizer
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 DEFAULT_RECIPE = RECIPES / "mae" / "default.yaml"
+FINETUNE = (
+    "finetune"  # benchmarked alone, against a plain timm fine-tuning step (benchmarks/finetune_reference.py)
+)
+FINETUNE_RECIPE = RECIPES / "finetune" / "default.yaml"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
@@ -118,7 +127,7 @@ def _method_part(name: str) -> str:
 class TrainerPath:
     """One method as ``tools/pretrain.py`` trains it: recipe -> DeepSpeed engine -> step."""
 
-    def __init__(self, recipe, dist, images: torch.Tensor):
+    def __init__(self, recipe, dist, images: torch.Tensor, labels: torch.Tensor | None = None):
         from mimkit.train.trainer import INPUT_DTYPES, build_engine
 
         self.recipe = recipe
@@ -126,7 +135,14 @@ class TrainerPath:
         self.engine, self.optimizer = build_engine(recipe, dist)
         self.dtype = INPUT_DTYPES[recipe.train.precision]
         self.images = images
+        self.labels = labels  # fine-tuning's; it mixes the images in place, so each step gets a copy
         self.device = self.engine.device
+
+    def batch(self) -> dict[str, torch.Tensor]:
+        images = self.images.to(self.device, self.dtype, non_blocking=True)
+        if self.labels is None:
+            return {"image": images}
+        return {"image": images.clone(), "label": self.labels}
 
     @property
     def module(self) -> nn.Module:
@@ -134,10 +150,10 @@ class TrainerPath:
 
     def step(self) -> float:
         """The trainer's per-step work: set the lr, move the batch, forward, backward, optimizer step."""
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.recipe.lr
-        batch = {"image": self.images.to(self.device, self.dtype, non_blocking=True)}
-        loss = self.engine(batch)["loss"]
+        from mimkit.train.trainer import set_lr
+
+        set_lr(self.optimizer, self.recipe.lr)
+        loss = self.engine(self.batch())["loss"]
         value = float(loss.detach().float())
         self.engine.backward(loss)
         self.engine.step()
@@ -147,7 +163,7 @@ class TrainerPath:
         module = self.module
 
         def run_step():
-            module({"image": self.images.to(self.device, self.dtype)})["loss"].backward()
+            module(self.batch())["loss"].backward()
 
         split = flop_split(module, run_step, lambda n: n == "encoder", lambda n: _method_part(n) == "decoder")
         module.zero_grad(set_to_none=True)
@@ -223,7 +239,7 @@ def build_recipe(method: str, args: argparse.Namespace, precision: str):
     """
     from mimkit.train.config import apply_override, from_dict, read_yaml
 
-    raw = read_yaml(args.recipe)
+    raw = read_yaml(args.recipe or (FINETUNE_RECIPE if method == FINETUNE else DEFAULT_RECIPE))
     section = raw.get("method") or {}
     if section.get("name") != method:
         section = {"name": method}
@@ -310,7 +326,12 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         "as the original code's timm 0.3 blocks computed it",
     )
     parser.add_argument("--no-reference", action="store_true", help="time the trainer paths only")
-    parser.add_argument("--recipe", default=str(DEFAULT_RECIPE), help="optimiser/param-group source recipe")
+    parser.add_argument(
+        "--recipe",
+        default=None,
+        help="optimiser/param-group source recipe (recipes/mae/default.yaml; for finetune "
+        "recipes/finetune/default.yaml)",
+    )
     parser.add_argument("--zero-stage", type=int, default=None, help="ZeRO stage (default: the recipe's)")
     parser.add_argument(
         "--compile", action="store_true", help="torch.compile the trainer paths (train.compile)"
@@ -345,11 +366,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if ref_precision == "auto":
         ref_precision = "fp16" if device.type == "cuda" else "fp32"
 
+    if FINETUNE in args.method and len(args.method) > 1:
+        raise ValueError("--method finetune is benchmarked alone (its reference is a timm fine-tuning step)")
     g = torch.Generator().manual_seed(0)
     images = torch.randn(args.batch, 3, args.img_size, args.img_size, generator=g).to(device)
-    paths: list[Any] = [TrainerPath(build_recipe(m, args, precision), dist, images) for m in args.method]
+    paths: list[Any] = []
+    for m in args.method:
+        recipe = build_recipe(m, args, precision)
+        labels = None
+        if m == FINETUNE:
+            classes = recipe.method.options.get("num_classes", 1000)
+            labels = torch.randint(0, classes, (args.batch,), generator=g).to(device)
+        paths.append(TrainerPath(recipe, dist, images, labels))
     dtypes = {p.name: precision for p in paths}
-    if not args.no_reference:
+    if not args.no_reference and args.method == [FINETUNE]:
+        from benchmarks.finetune_reference import TimmFinetunePath
+
+        r = paths[0].recipe
+        reference = TimmFinetunePath.from_finetune(
+            paths[0].module, images, labels, r.lr, r.optim.layer_decay, ref_precision
+        )
+        paths.insert(0, reference)
+        dtypes[paths[0].name] = ref_precision
+    elif not args.no_reference:
         reference = _reference_for(paths, fused_attn=args.reference_attention == "timm")
         paths.insert(0, ReferencePath(reference, images, ref_precision))
         dtypes[paths[0].name] = ref_precision
@@ -397,7 +436,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         name = path.name
         row = _row(path, seconds[name], flops[name], peak, dtypes[name], memory.get(name), mask_s, args.batch)
         row["loss_first"], row["loss_last"] = round(losses[path.name][0], 5), round(losses[path.name][-1], 5)
-        if isinstance(path, ReferencePath):
+        if not isinstance(path, TrainerPath):  # the reference
             reference_speed = row["images_per_s"]
         rows.append(row)
     for row in rows:
@@ -436,6 +475,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
     }
     options.update(precision=precision, reference_precision=ref_precision)
+    options["recipe"] = args.recipe or str(FINETUNE_RECIPE if args.method == [FINETUNE] else DEFAULT_RECIPE)
     return {
         "benchmark": "step",
         "device": str(device),

@@ -9,6 +9,7 @@ folder each, beside the results they produced; ``import mimkit`` imports none of
     pipeline RECIPE            end-to-end pretraining images/s, real data vs pre-decoded tensors
     masks                      milliseconds to draw a batch of masks, per mask type
     incontext                  in-context retrieval queries/s against memory size
+    extract                    feature extraction images/s against the encoder's forward alone
     quality RECIPE             frozen-feature quality: trainer path vs a plain loop vs the random init
 
 Example, the folder and shard paths on the same images::
@@ -32,7 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 
-from benchmarks import data, incontext, masks, peak, pipeline, quality, step  # noqa: E402
+from benchmarks import data, extract, incontext, masks, peak, pipeline, quality, step  # noqa: E402
 from mimkit.files import atomic_write_text  # noqa: E402
 
 SUBCOMMANDS: dict[str, tuple[Callable[[argparse.Namespace], dict], Callable, str]] = {
@@ -42,6 +43,7 @@ SUBCOMMANDS: dict[str, tuple[Callable[[argparse.Namespace], dict], Callable, str
     "pipeline": (pipeline.run, pipeline.add_args, "end-to-end pretraining images/s, real vs pre-decoded"),
     "masks": (masks.run, masks.add_args, "milliseconds to draw a batch of masks per mask type"),
     "incontext": (incontext.run, incontext.add_args, "in-context retrieval queries/s against memory size"),
+    "extract": (extract.run, extract.add_args, "feature extraction images/s against the forward alone"),
     "quality": (quality.run, quality.add_args, "encoder quality at equal steps: trainer path vs plain loop"),
 }
 

@@ -12,6 +12,8 @@ mimkit/eval/compare.py) and --epochs 90; the table prints both encoders side by 
 With --seg SOURCE (a source with segmentation masks), in-context dense retrieval segmentation
 (``mimkit incontext seg --vs-random``'s defaults) runs too, and a last table lists the gains of
 pretraining over the random init for every protocol; the JSON holds it under ``incontext``.
+The probe's effective batch against the training split, the k-NN ks, and the memory bank of
+--seg are checked before any forward pass.
 """
 
 from __future__ import annotations
@@ -22,10 +24,10 @@ from dataclasses import replace
 
 from mimkit.eval.common import add_eval_args, check_common_args, write_json
 from mimkit.eval.compare import COMPARE_PROBE, compare_encoders, format_gains
-from mimkit.eval.incontext import SEG_EXTRACT, compare_incontext
+from mimkit.eval.features import load_encoder
+from mimkit.eval.incontext import SEG_EXTRACT, check_incontext, compare_incontext
 from mimkit.eval.knn import KNN_KS
 from mimkit.eval.linear_probe import preset_settings
-from mimkit.eval.seg_data import seg_source
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
@@ -62,8 +64,12 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             batch_size=args.effective_batch,
             blr=args.blr,
         )
-        if args.seg is not None:  # fail on a bad segmentation source before any feature is computed
-            seg_source(args.seg, "val", "val", 32)
+        if args.seg is not None:  # fail on a bad segmentation source or memory before any forward pass
+            check_incontext(
+                load_encoder(args.encoder, img_size=args.img_size, checkpoint=args.checkpoint),
+                args.seg,
+                device=args.device,
+            )
         res = compare_encoders(
             args.encoder,
             args.train,

@@ -14,12 +14,13 @@ random crops and flips, capped at --memory-size patches with --sampler (rare: ra
 each val patch takes the softmax(cos / --temperature)-weighted values of its --k nearest keys;
 the class distributions are upsampled bilinearly and argmaxed. Reported: mIoU (identity mapping,
 primary; Hungarian-matched, as open-hummingbird-eval), per-class IoU, pixel accuracy. The memory
-it will need is printed before it starts. --vs-random also runs a random init of the same shape
-and prints both side by side.
+it will need is printed before it starts, and a bank that would not fit in the free memory (or
+hold fewer patches than --k) is refused with the --memory-size that fits, before any forward
+pass. --vs-random also runs a random init of the same shape and prints both side by side.
 
 cls: n labelled train images per class (--shots) as the support; each val image is classified
 by nearest prototype (CL2N) and by weighted k-NN over the support, over --episodes seeded draws;
-mean and 95% interval.
+mean and 95% interval. Shots beyond the smallest class are refused before any forward pass.
 """
 
 from __future__ import annotations

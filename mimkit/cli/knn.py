@@ -8,7 +8,8 @@ The bank is the train split of --train, the queries the val split of --val (defa
 both centre-cropped. Features are the final-normed cls token (--feature patch_mean for the mean
 patch token), L2-normalised; votes are weighted by exp(cosine / 0.07) for k in {10, 20, 100, 200}.
 Few-shot draws n images per class (--shots, default 1 2 5 10) --tries times and reports the mean
-and standard deviation; --shots with no value skips it.
+and standard deviation; --shots with no value skips it. A k beyond the bank or shots beyond the
+smallest class are refused, with the largest valid value, before any forward pass.
 """
 
 from __future__ import annotations

@@ -13,7 +13,9 @@ accumulating --batch-size forward passes; training images get MAE's RandomResize
 grid: 104 heads (last 1 or 4 cls tokens, with or without the patch mean, 13 lrs, with or without
 BN) on one frozen forward per batch; the head is picked on a validation split carved from the
 training set and scored on the val split of --val. --cached trains on centre-crop features
-extracted once: much faster, and labelled as a different protocol.
+extracted once: much faster, and labelled as a different protocol. Settings the data cannot
+take (an effective batch beyond the training split, grid blocks beyond the encoder's depth, a
+bad selection split) are refused, with the value that works, before any forward pass.
 """
 
 from __future__ import annotations

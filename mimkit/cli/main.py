@@ -22,13 +22,17 @@ class Command(NamedTuple):
 
 COMMANDS: dict[str, Command] = {
     "pretrain": Command("pretrain", "pretrain a method from a YAML recipe (resumes a run)"),
+    "finetune": Command("finetune", "fine-tune an encoder into a classifier (MAE's protocol, same trainer)"),
     "knn": Command("knn", "weighted k-NN (DINO) and few-shot k-NN of a frozen encoder"),
     "linear-probe": Command("linear_probe", "linear probe: MAE's protocol or DINOv2's head grid"),
+    "attentive-probe": Command("attentive_probe", "attentive probe (V-JEPA's) on frozen patch tokens"),
     "compare-random": Command("compare_random", "k-NN and a cached linear probe beside a random init"),
     "incontext": Command("incontext", "in-context segmentation (retrieval) and classification"),
+    "prompt": Command("prompt", "visual prompting by inpainting: segmentation from painted canvases"),
     "convert": Command("convert", "convert checkpoints: official MAE / CAE, timm, mimkit"),
     "make-shards": Command("make_shards", "write a source as resumable webdataset tar shards"),
     "visualize": Command("visualize", "reconstructions, metric curves and mask pictures"),
+    "seg-probe": Command("seg_probe", "linear segmentation probe (DINOv2's protocol) on frozen patch tokens"),
 }
 
 

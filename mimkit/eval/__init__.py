@@ -1,5 +1,5 @@
-"""Frozen-encoder evaluation: feature extraction, linear probes (MAE, DINOv2 grid), weighted k-NN, few-shot,
-in-context segmentation (dense retrieval) and classification.
+"""Frozen-encoder evaluation: feature extraction, linear probes (MAE, DINOv2 grid), the attentive probe
+(V-JEPA), weighted k-NN, few-shot, in-context segmentation (dense retrieval) and classification.
 
 Importing this package also registers the ``voc:`` and ``ade20k:`` segmentation sources
 (:mod:`mimkit.eval.seg_data`).
@@ -7,9 +7,19 @@ Importing this package also registers the ``voc:`` and ``ade20k:`` segmentation 
 Every protocol reads features after the encoder's final norm (:mod:`mimkit.eval.features`), runs
 its forward passes as one :class:`ExtractSettings` says (``extract=``; :mod:`mimkit.eval.settings`)
 and returns a result dict ``{"tool", "protocol", "encoder", "data", "settings", "results"}`` that
-the tools print as a table and write as JSON (:mod:`mimkit.eval.common`).
+the tools print as a table and write as JSON (:mod:`mimkit.eval.common`). Whatever a protocol can
+check without a forward pass (batch sizes against the data, shots against the classes, memory
+against the free memory) it checks before the first one (:mod:`mimkit.eval.preflight`).
 """
 
+from mimkit.eval.attentive_probe import (
+    AttentiveHead,
+    AttentiveProbe,
+    attentive_probe,
+    compare_attentive,
+    format_attentive_probe,
+    train_attentive_probe,
+)
 from mimkit.eval.common import add_eval_args, format_table, write_json
 from mimkit.eval.compare import compare_encoders, format_comparison
 from mimkit.eval.features import (
@@ -56,6 +66,8 @@ from mimkit.eval.linear_probe import (
 from mimkit.eval.settings import PRECISIONS, ExtractSettings
 
 __all__ = [
+    "AttentiveHead",
+    "AttentiveProbe",
     "DINOV2_LRS",
     "KNN_KS",
     "KNN_TEMPERATURE",
@@ -68,8 +80,10 @@ __all__ = [
     "MemoryBank",
     "MaeProbe",
     "add_eval_args",
+    "attentive_probe",
     "build_memory",
     "compare_incontext",
+    "compare_attentive",
     "compare_encoders",
     "describe_encoder",
     "draw_per_class",
@@ -78,6 +92,7 @@ __all__ = [
     "evaluate_memory",
     "extract_features",
     "few_shot_knn",
+    "format_attentive_probe",
     "format_classification",
     "format_comparison",
     "format_knn",
@@ -94,6 +109,7 @@ __all__ = [
     "preset_settings",
     "prototype_top1",
     "source_features",
+    "train_attentive_probe",
     "train_grid_probe",
     "train_mae_probe",
     "weighted_vote",

@@ -20,10 +20,11 @@ from collections.abc import Sequence
 from dataclasses import asdict, replace
 from typing import Any
 
-from mimkit.data import build_source, build_transform
+from mimkit.data import build_transform
 from mimkit.data.transforms import Normalization
 from mimkit.eval.common import data_info, format_table, result, write_json
 from mimkit.eval.features import (
+    classification_source,
     describe_encoder,
     extract_features,
     input_normalization,
@@ -32,7 +33,8 @@ from mimkit.eval.features import (
     require_labels,
 )
 from mimkit.eval.knn import KNN_KS, KNN_TEMPERATURE, knn_top1
-from mimkit.eval.linear_probe import MaeProbe, train_mae_probe
+from mimkit.eval.linear_probe import MaeProbe, mae_plan, train_mae_probe
+from mimkit.eval.preflight import check_neighbours, check_positive
 from mimkit.eval.settings import ExtractSettings
 
 COMPARE_PROBE = MaeProbe(effective_batch=256, batch_size=256, blr=1.0)  # see the module docstring
@@ -101,9 +103,16 @@ def compare_encoders(
     transform = build_transform("eval", img_size, input_normalization(encoders["pretrained"]))
     feats, sizes, num_classes = {}, {}, 0
     sources = {"train": train_source, "val": val_source}
-    datasets = {split: build_source(uri, split, transform) for split, uri in sources.items()}
+    datasets = {split: classification_source(uri, split, transform) for split, uri in sources.items()}
     for split, dataset in datasets.items():  # both before any feature is extracted
         require_labels(dataset, sources[split], split)
+    # The probe's plan and the neighbour counts depend on the split sizes alone: checked before
+    # the first forward pass too.
+    num_train = len(datasets["train"])
+    mae_plan(probe, num_train)
+    if not any(k <= num_train for k in ks):
+        check_neighbours(list(ks), num_train)
+    check_positive(temperature=temperature)
     for split, dataset in datasets.items():
         feats[split] = extract_features(encoders, dataset, extract, desc=f"features {split}")
         sizes[split] = len(dataset)

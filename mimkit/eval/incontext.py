@@ -38,6 +38,7 @@ from tqdm import tqdm
 from mimkit.data.transforms import Normalization
 from mimkit.eval.common import format_table, result, write_json
 from mimkit.eval.features import describe_encoder, input_normalization, load_encoder
+from mimkit.eval.preflight import MEMORY_HEADROOM, available_bytes, check_fits
 from mimkit.eval.retrieval import (
     KEY_DTYPES,
     FaissIndex,
@@ -330,6 +331,64 @@ def memory_plan(
     }
 
 
+def check_plan(plan: dict[str, Any], k: int, key_dtype: str, device: str | torch.device) -> None:
+    """Fail before the first forward pass when the memory bank cannot serve ``k`` neighbours or
+    would not fit in the free memory of ``device``; the error names the ``--memory-size`` that fits."""
+    if k > plan["max_patches"]:
+        raise ValueError(
+            f"--k {k} exceeds the {plan['max_patches']:,} patches the memory bank can hold; the largest "
+            f"valid is {plan['max_patches']} (or raise --memory-size / use more training images)"
+        )
+    b = plan["bytes"]
+    per_patch = (b["keys"] + b["values"]) / max(plan["max_patches"], 1)
+    free = available_bytes(device)
+    fits = int((MEMORY_HEADROOM * free - b["block"] - b["topk"]) // per_patch) if free is not None else None
+    smaller_keys = ", or --key-dtype fp16 (half the key bytes)" if key_dtype == "fp32" else ""
+    advice = (
+        f"pass --memory-size {max(fits, 0):,} or smaller{smaller_keys}"
+        if fits is not None and fits >= k
+        else f"free memory on {device}, or use a smaller --query-chunk / --key-chunk{smaller_keys}"
+    )
+    check_fits(
+        plan["total_bytes"],
+        device,
+        f"the memory bank ({plan['max_patches']:,} patches x {plan['dim']} dims, {key_dtype} keys, "
+        "with its values and search blocks)",
+        advice,
+    )
+
+
+def check_incontext(
+    encoder: Backbone,
+    train_source: str,
+    val_source: str | None = None,
+    *,
+    memory_size: int | None = None,
+    aug_epochs: int = 1,
+    k: int = DEFAULT_K,
+    key_dtype: str | None = None,
+    device: str | torch.device = "cpu",
+    query_chunk: int | None = None,
+    key_chunk: int | None = None,
+) -> dict[str, Any]:
+    """The checks :func:`incontext_segmentation` runs before its first forward pass, alone: both
+    sources carry masks of the same classes, and the memory bank serves ``k`` and fits on
+    ``device``. For a tool that runs other protocols first (``compare-random --seg``). Returns the plan."""
+    _check_settings("none", aug_epochs, memory_size, k, 1.0)
+    key_dtype = key_dtype or default_key_dtype(device)
+    size = encoder.patch_embed.img_size[0]
+    mem_data, names, ignore = seg_source(train_source, "train", "val", size)
+    _, val_names, val_ignore = seg_source(val_source or train_source, "val", "val", size)
+    if (names, ignore) != (val_names, val_ignore):
+        raise ValueError(f"{train_source!r} and {val_source!r} have different classes or ignore labels")
+    plan = memory_plan(
+        encoder, len(mem_data), len(names), memory_size=memory_size, aug_epochs=aug_epochs, k=k,
+        key_dtype=key_dtype, device=device, query_chunk=query_chunk, key_chunk=key_chunk,
+    )  # fmt: skip
+    check_plan(plan, k, key_dtype, device)
+    return plan
+
+
 def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
 
@@ -408,6 +467,7 @@ def incontext_segmentation(
     )  # fmt: skip
     if log is not None:
         log(describe_plan(plan, key_dtype, device))
+    check_plan(plan, k, key_dtype, device)
     memory = build_memory(
         encoder, mem_data, len(names), ignore, memory_size=memory_size, aug_epochs=aug_epochs,
         sampler=sampler, seed=seed, key_dtype=key_dtype, extract=extract,

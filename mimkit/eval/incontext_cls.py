@@ -24,9 +24,17 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from mimkit.data import build_source
 from mimkit.eval.common import data_info, format_table, one_thread_on_cpu, result
-from mimkit.eval.features import describe_encoder, source_features
+from mimkit.eval.features import (
+    describe_encoder,
+    require_labelled_source,
+    require_labels,
+    source_features,
+    split_labels,
+)
 from mimkit.eval.knn import FEW_SHOT_N, KNN_FEATURES, KNN_TEMPERATURE, draw_per_class, knn_top1
+from mimkit.eval.preflight import check_positive, check_shots
 from mimkit.eval.settings import ExtractSettings
 from mimkit.models import Backbone
 
@@ -121,6 +129,17 @@ def incontext_classification(
     extract = extract or ExtractSettings()
     extract = replace(extract, img_size=extract.image_size(encoder), n_last_blocks=1)
     val_source = val_source or train_source
+    # Everything the episodes need, before the first forward pass: labels in both splits, at least
+    # the most shots in every class, a positive k, temperature and episode count.
+    check_positive(k=k, temperature=temperature, episodes=episodes)
+    if not shots:
+        raise ValueError("--shots: give at least one number of support images per class")
+    if val_source != train_source:
+        require_labelled_source(val_source, "val")
+    plain = build_source(train_source, "train", None)
+    require_labels(plain, train_source, "train")
+    labels = split_labels(encoder, train_source, "train", extract, plain)
+    check_shots(labels, list(shots), len(plain), plain)
     train = source_features(encoder, train_source, "train", extract)
     val = source_features(encoder, val_source, "val", extract)
     num_classes = max(int(train["num_classes"]), int(val["num_classes"]))

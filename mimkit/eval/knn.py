@@ -26,8 +26,16 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from mimkit.data import build_source
 from mimkit.eval.common import data_info, format_table, one_thread_on_cpu, result
-from mimkit.eval.features import describe_encoder, require_labelled_source, source_features
+from mimkit.eval.features import (
+    describe_encoder,
+    require_labelled_source,
+    require_labels,
+    source_features,
+    split_labels,
+)
+from mimkit.eval.preflight import check_neighbours, check_positive, check_shots
 from mimkit.eval.settings import ExtractSettings
 from mimkit.models import Backbone
 
@@ -209,6 +217,31 @@ def _mean_std(values: list[float]) -> dict:
 KNN_FEATURES = ("cls", "patch_mean")
 
 
+def check_knn(
+    encoder: Backbone,
+    train_source: str,
+    val_source: str,
+    *,
+    ks: Sequence[int],
+    temperature: float,
+    shots: Sequence[int],
+    tries: int,
+    extract: ExtractSettings,
+) -> None:
+    """What :func:`knn_eval` checks before its first forward pass: labels in both splits, every k
+    at most the bank, a positive temperature, and (with ``shots``) every class holding the most shots."""
+    if val_source != train_source:  # the same source has the same layout in both splits
+        require_labelled_source(val_source, "val")
+    plain = build_source(train_source, "train", None)
+    require_labels(plain, train_source, "train")
+    check_neighbours(list(ks), len(plain))
+    check_positive(temperature=temperature)
+    if shots:
+        check_positive(tries=tries)
+        labels = split_labels(encoder, train_source, "train", extract, plain)
+        check_shots(labels, list(shots), len(plain), plain)
+
+
 def knn_eval(
     encoder: Backbone,
     train_source: str,
@@ -236,8 +269,8 @@ def knn_eval(
     extract = replace(extract, img_size=extract.image_size(encoder), n_last_blocks=1)
     device, progress = extract.device, extract.progress
     val_source = val_source or train_source
-    if val_source != train_source:  # the same source has the same layout in both splits
-        require_labelled_source(val_source, "val")
+    check_knn(encoder, train_source, val_source, ks=ks, temperature=temperature, shots=shots, tries=tries,
+              extract=extract)  # fmt: skip
     train = source_features(encoder, train_source, "train", extract)
     test = source_features(encoder, val_source, "val", extract)
     num_classes = max(int(train["num_classes"]), int(test["num_classes"]))

@@ -44,12 +44,15 @@ from tqdm import tqdm
 from mimkit.data import build_source, build_transform
 from mimkit.eval.common import data_info, format_table, one_thread_on_cpu, result
 from mimkit.eval.features import (
+    classification_source,
     describe_encoder,
     extract_features,
     input_normalization,
     num_classes_of,
+    require_labelled_source,
     require_labels,
     source_features,
+    split_labels,
 )
 from mimkit.eval.heads import LinearHead, head_input, score_head, top1
 from mimkit.eval.lars import LARS
@@ -152,14 +155,21 @@ def mae_plan(settings: MaeProbe, num_train: int) -> dict[str, Any]:
         )
     micro = min(s.batch_size, s.effective_batch)
     if s.effective_batch % micro:
+        lower, upper = s.effective_batch // micro * micro, -(-s.effective_batch // micro) * micro
         raise ValueError(
-            f"effective_batch={s.effective_batch} is not a multiple of the forward-pass batch_size={micro}"
+            f"effective_batch={s.effective_batch} is not a multiple of the forward-pass batch_size={micro}; "
+            f"the nearest valid are {lower} and {upper} (--effective-batch), or change --batch-size"
         )
     steps = num_train // s.effective_batch
     if steps == 0:
+        # The largest effective batch one step fits in: a multiple of the forward-pass batch, or
+        # the whole split where it is smaller than one forward pass.
+        largest = num_train // s.batch_size * s.batch_size if num_train >= s.batch_size else num_train
         raise ValueError(
             f"the training split has {num_train} images, fewer than effective_batch={s.effective_batch} "
-            "(MAE: 16384); pass a smaller effective batch (--effective-batch)"
+            f"(MAE: 16384); the largest valid effective batch here is {largest} (a multiple of the "
+            f"forward-pass batch_size={min(s.batch_size, largest)}): pass --effective-batch {largest} "
+            "or smaller"
         )
     return {
         "warmup_epochs": warmup,
@@ -286,6 +296,18 @@ def carve_val(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.T
     return torch.cat(fit).sort().values, torch.cat(held).sort().values
 
 
+def grid_plan(
+    settings: GridProbe, labels: torch.Tensor, depth: int
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The carved split and the iteration count of ``settings`` on ``labels``, checked against an
+    encoder of ``depth`` blocks: ``(fit, held, iterations)``; a bad value is an error naming it."""
+    for n in settings.n_last_blocks:
+        if not 1 <= n <= depth:
+            raise ValueError(f"n_last_blocks={n} needs the last {n} blocks; the encoder has {depth}")
+    fit, held = carve_val(labels, settings.val_fraction, settings.seed)
+    return fit, held, grid_iterations(settings, len(fit))
+
+
 def grid_iterations(settings: GridProbe, num_fit: int) -> int:
     """``epochs x epoch_length`` iterations; ``epoch_length=0`` means one pass over ``num_fit`` images."""
     if settings.epochs < 1 or settings.epoch_length < 0 or settings.batch_size < 1:
@@ -323,11 +345,7 @@ def run_grid_probe(
     device = torch.device(device)
     test = _as_features(test)
     dim, depth = test["cls"].shape[1], test["last_cls"].shape[1]
-    for n in settings.n_last_blocks:
-        if not 1 <= n <= depth:
-            raise ValueError(f"n_last_blocks={n} needs the last {n} blocks; the features hold {depth}")
-    fit, held = carve_val(train_labels, settings.val_fraction, settings.seed)
-    iterations = grid_iterations(settings, len(fit))
+    fit, held, iterations = grid_plan(settings, train_labels, depth)
     total = iterations * settings.batch_size
     order = SampleOrder(len(fit), len(fit), -(-total // len(fit)), settings.seed, total=total, index=fit)
     spec = grid_heads(settings)
@@ -406,12 +424,36 @@ def train_grid_probe(
 # ----------------------------------------------------------------------------- source-level API
 
 
-def _labels_of(dataset: Any, progress: bool) -> torch.Tensor:
-    """Labels of a source without decoding images where it lists them (``samples``), else by reading."""
-    if hasattr(dataset, "samples"):
-        return torch.as_tensor([label for _, label in dataset.samples])
-    it = tqdm(range(len(dataset)), desc="labels", disable=not progress, leave=False)
-    return torch.as_tensor([int(dataset[i]["label"]) for i in it])
+def check_linear_probe(
+    encoder: Backbone,
+    train_source: str,
+    val_source: str,
+    preset: str,
+    settings: MaeProbe | GridProbe,
+    extract: ExtractSettings,
+    cached: bool = False,
+) -> tuple[Any, torch.Tensor | None]:
+    """What :func:`linear_probe` checks before its first forward pass: labels in both splits, then
+    MAE's plan (the effective batch against the training split) or the grid's (its blocks against
+    the encoder's depth, the carved split, the iterations). Returns the source's train split
+    without a transform and, for the grid, its labels (read without the encoder; None for a
+    stream, whose cached grid is checked on its extracted labels)."""
+    plain = build_source(train_source, "train", None)
+    require_labels(plain, train_source, "train")
+    if val_source != train_source:
+        require_labelled_source(val_source, "val")
+    if preset == "mae":
+        mae_plan(settings, len(plain))
+        return plain, None
+    labels = split_labels(encoder, train_source, "train", extract, plain)
+    if labels is None and not cached:
+        raise ValueError(
+            f"{train_source!r} is a stream: the augmented grid carves its selection split by class and "
+            "needs the labels up front; pass --cached, or use an image folder or the embedded sets"
+        )
+    if labels is not None:
+        grid_plan(settings, labels, len(encoder.blocks))
+    return plain, labels
 
 
 def linear_probe(
@@ -442,8 +484,7 @@ def linear_probe(
     val_source = val_source or train_source
     norm = input_normalization(encoder)
     run = dict(device=device, progress=progress)
-    plain = build_source(train_source, "train", None)
-    require_labels(plain, train_source, "train")  # before the val features are extracted
+    plain, labels = check_linear_probe(encoder, train_source, val_source, preset, settings, extract, cached)
     test = source_features(encoder, val_source, "val", extract)
     if cached:
         train = source_features(encoder, train_source, "train", extract)
@@ -452,14 +493,15 @@ def linear_probe(
         out = trainer(train, test, num_classes, settings, **run)
     else:
         num_train, num_classes = len(plain), max(num_classes_of(plain), int(test["num_classes"]))
-        augmented = build_source(train_source, "train", probe_train_transform(preset, img_size, norm))
+        augmented = classification_source(
+            train_source, "train", probe_train_transform(preset, img_size, norm)
+        )
         batches = augmented_batches(augmented, encoder, extract, seed=settings.seed)
         if preset == "mae":
             out = run_mae_probe(batches, num_train, test, num_classes, settings, **run)
         else:
-            labels = _labels_of(plain, progress)
             num_classes = max(num_classes, int(labels.max()) + 1)
-            centre = build_source(train_source, "train", build_transform("eval", img_size, norm))
+            centre = classification_source(train_source, "train", build_transform("eval", img_size, norm))
 
             def selection(held: torch.Tensor) -> dict[str, torch.Tensor]:
                 return extract_features(encoder, Subset(centre, held.tolist()), extract, desc="selection")

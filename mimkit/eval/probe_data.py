@@ -118,24 +118,32 @@ Batches = Callable[[SampleOrder, int], Iterator[tuple[dict[str, torch.Tensor], t
 FEATURES = ("cls", "patch_mean", "last_cls")
 
 
-def cached_batches(features: dict[str, torch.Tensor], device: str | torch.device = "cpu") -> Batches:
-    """Batches drawn from features computed once."""
+def cached_batches(
+    features: dict[str, torch.Tensor], device: str | torch.device = "cpu", keys: tuple[str, ...] = FEATURES
+) -> Batches:
+    """Batches of ``keys`` drawn from features computed once."""
     device = torch.device(device)
 
     def batches(order: SampleOrder, batch_size: int):
         for idx in order.batches(batch_size):
-            yield {k: features[k][idx].to(device) for k in FEATURES}, features["label"][idx].to(device)
+            yield {k: features[k][idx].to(device) for k in keys}, features["label"][idx].to(device)
 
     return batches
 
 
 def augmented_batches(
-    dataset: Any, encoder: Backbone, extract: ExtractSettings | None = None, *, seed: int = 0
+    dataset: Any,
+    encoder: Backbone,
+    extract: ExtractSettings | None = None,
+    *,
+    seed: int = 0,
+    tokens: bool = False,
 ) -> Batches:
     """Batches of freshly augmented images through the frozen encoder, one forward pass each.
 
     ``extract`` gives the blocks, precision, device and workers; the batch size is the probe's
     (the second argument of the returned batch source), and ``seed`` seeds the workers' augmentations.
+    ``tokens`` adds the patch-token maps (``patch_tokens``) to every batch.
     """
     extract = extract or ExtractSettings()
     device = torch.device(extract.device)
@@ -151,6 +159,7 @@ def augmented_batches(
         )
         for batch in loader:
             images = batch["image"].to(device, non_blocking=True)
-            yield encode(encoder, images, extract.n_last_blocks, extract.precision), batch["label"].to(device)
+            feats = encode(encoder, images, extract.n_last_blocks, extract.precision, tokens)
+            yield feats, batch["label"].to(device)
 
     return batches

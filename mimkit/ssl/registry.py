@@ -7,6 +7,7 @@ keyword parameters, typed by their annotations (:mod:`mimkit.registry`).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -71,6 +72,8 @@ def validate_method(cfg: dict[str, Any], where: str = "method.") -> dict[str, An
         raise OptionError(f"{where}backbone must be a mapping with a 'name'; got {backbone!r}")
     typed["backbone"] = BACKBONES.validate(backbone, f"{where}backbone.")
     if mask is not None:
+        if not takes_mask(METHODS.get(name)):
+            raise OptionError(f"{where}mask: method {name!r} masks nothing; remove the mask entry")
         if not isinstance(mask, dict):
             raise OptionError(
                 f"{where}mask must be a mapping like {{type: random, ratio: 0.75}}, got {mask!r}"
@@ -91,5 +94,12 @@ def build_method(cfg: dict[str, Any]) -> nn.Module:
     typed = validate_method(cfg, "")
     backbone, mask = typed.pop("backbone"), typed.pop("mask", None)
     cls = METHODS.get(typed["name"])
-    mask_generator = masking.build(mask or cls.default_mask)
-    return METHODS.build(typed, encoder=create_backbone(**backbone), mask_generator=mask_generator)
+    injected: dict[str, Any] = {"encoder": create_backbone(**backbone)}
+    if takes_mask(cls):
+        injected["mask_generator"] = masking.build(mask or cls.default_mask)
+    return METHODS.build(typed, **injected)
+
+
+def takes_mask(cls: type[nn.Module]) -> bool:
+    """Whether a method draws masks (its constructor takes a ``mask_generator``); fine-tuning does not."""
+    return "mask_generator" in inspect.signature(cls.__init__).parameters

@@ -79,9 +79,11 @@ def save(
     rank: int,
     keep: int,
     fail_midway: bool = False,
+    protect: tuple[str, ...] = (),
 ) -> str:
     """Save step ``step`` on every rank, then publish it as ``latest``; returns its tag.
 
+    ``protect`` names checkpoints that pruning keeps besides the ``keep`` newest (the best one).
     ``fail_midway`` (a test hook) kills the process after the files are written but before
     ``latest`` moves, with the model file truncated as a crash mid-write would leave it.
     """
@@ -103,13 +105,14 @@ def save(
     _barrier()
     if rank == 0:
         _write_latest(ckpt_dir, tag)
-        prune(ckpt_dir, keep)
+        prune(ckpt_dir, keep, protect)
     _barrier()
     return tag
 
 
-def prune(ckpt_dir: Path, keep: int) -> None:
-    """Keep the ``keep`` newest complete checkpoints; delete older ones and unfinished saves."""
+def prune(ckpt_dir: Path, keep: int, protect: tuple[str, ...] = ()) -> None:
+    """Keep the ``keep`` newest complete checkpoints and those ``protect`` names; delete the rest
+    and unfinished saves."""
     latest = latest_tag(ckpt_dir)
     if latest is None:
         return
@@ -117,23 +120,25 @@ def prune(ckpt_dir: Path, keep: int) -> None:
     steps = sorted(s for p in ckpt_dir.iterdir() if p.is_dir() and (s := _tag_step(p.name)) is not None)
     complete = [s for s in steps if s <= newest]
     doomed = [s for s in steps if s > newest] + complete[:-keep]
-    for s in doomed:
+    for s in (s for s in doomed if tag_for(s) not in protect):
         shutil.rmtree(ckpt_dir / tag_for(s), ignore_errors=True)
 
 
-def load(engine, ckpt_dir: str | Path, rank: int) -> dict[str, Any] | None:
-    """Restore the newest complete checkpoint into ``engine`` and this rank's random state.
+def load(
+    engine, ckpt_dir: str | Path, rank: int, tag: str | None = None, restore_rng: bool = True
+) -> dict[str, Any] | None:
+    """Restore the newest complete checkpoint (or ``tag``) into ``engine``, and this rank's random state.
 
     Returns the client state saved with it, or None when there is nothing to resume.
     """
-    tag = latest_tag(ckpt_dir)
+    tag = tag or latest_tag(ckpt_dir)
     if tag is None:
         return None
     path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {Path(ckpt_dir) / tag}")
     rng_file = Path(ckpt_dir) / tag / f"rng_rank{rank}.pt"
-    if rng_file.is_file():
+    if restore_rng and rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))
     return {**client_state, "tag": tag}
 

@@ -104,6 +104,8 @@ class DataConfig:
     std: list[float] | str | None
     crop_scale: list[float]
     transform: str
+    auto_augment: str | None  # timm policy string; read by the finetune transform only
+    random_erase: float  # probability; read by the finetune transform only
     workers: int
     max_bad_fraction: float  # stop when skipped bad samples pass this share of those read
 
@@ -120,6 +122,7 @@ class OptimConfig:
     eps: float
     weight_decay: float
     no_decay: list[str]
+    layer_decay: float | None  # layer-wise lr decay; None: one lr for every parameter
     clip_grad: float | None
 
 
@@ -141,6 +144,19 @@ class TrainConfig:
     zero_stage: int
     compile: bool
     grad_checkpointing: bool
+    init_from: str | None  # an exported or converted encoder loaded into method.encoder at step 0
+    ema_decay: float | None  # an exponential moving average of the weights; None: none
+
+
+@dataclass
+class EvalConfig:
+    """``eval``: the method's own evaluation on a held-out split during training (fine-tuning's top-1)."""
+
+    source: str | None  # None: data.source
+    split: str | None  # None: no evaluation
+    every_epochs: int
+    micro_size: int | None  # None: batch.micro_size
+    best_metric: str | None  # None: keep no best checkpoint
 
 
 @dataclass
@@ -170,6 +186,7 @@ SECTIONS: dict[str, type] = {
     "optim": OptimConfig,
     "batch": BatchConfig,
     "train": TrainConfig,
+    "eval": EvalConfig,
     "run": RunConfig,
     "debug": DebugConfig,
 }
@@ -184,6 +201,7 @@ class Recipe:
     optim: OptimConfig
     batch: BatchConfig
     train: TrainConfig
+    eval: EvalConfig
     run: RunConfig
     debug: DebugConfig
     world_size: int = 1
@@ -370,7 +388,7 @@ def _method(given: dict) -> MethodConfig:
     its value rules, such as a ratio in (0, 1), live in its constructor). Nothing else is built.
     """
     from mimkit.ssl import masking
-    from mimkit.ssl.registry import SECTION_KEYS, validate_method
+    from mimkit.ssl.registry import SECTION_KEYS, method_class, validate_method
 
     if "name" not in given or "backbone" not in given:
         from mimkit.models import list_backbones
@@ -389,6 +407,12 @@ def _method(given: dict) -> MethodConfig:
         raise RecipeError(str(err)) from None
     except ValueError as err:
         raise RecipeError(f"method.mask: {err}") from None
+    check_options = getattr(method_class(typed["name"]), "check_options", None)
+    if check_options is not None:  # value rules of a method's options, stated by the method
+        try:
+            check_options({k: v for k, v in typed.items() if k not in SECTION_KEYS}, "method.")
+        except ValueError as err:
+            raise RecipeError(str(err)) from None
     backbone = typed["backbone"]
     for key in ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "in_chans"):
         value = backbone.get(key, 1)
@@ -406,6 +430,8 @@ def _require(ok: bool, key: str, allowed: str, value: Any) -> None:
 def _check_values(r: Recipe, check_data: bool) -> None:
     """Rules on values, and on values that depend on each other."""
     from mimkit.data import SOURCE_SCHEMES, SPLITS, TRANSFORM_KINDS
+    from mimkit.eval import seg_data  # noqa: F401  registers voc: and ade20k: (painter trains on masks)
+    from mimkit.finetune.transforms import FINETUNE_TRANSFORM
 
     o, b, t, d, run = r.optim, r.batch, r.train, r.data, r.run
     _require(o.base_lr > 0, "optim.base_lr", "a positive number", o.base_lr)
@@ -425,6 +451,12 @@ def _check_values(r: Recipe, check_data: bool) -> None:
     )
     _require(o.eps > 0, "optim.eps", "a positive number", o.eps)
     _require(o.weight_decay >= 0, "optim.weight_decay", "a number >= 0", o.weight_decay)
+    _require(
+        o.layer_decay is None or 0 < o.layer_decay <= 1,
+        "optim.layer_decay",
+        "a factor in (0, 1] or null (off); MAE fine-tunes ViT-B at 0.65, ViT-L at 0.75",
+        o.layer_decay,
+    )
     _require(
         o.clip_grad is None or o.clip_grad > 0,
         "optim.clip_grad",
@@ -465,9 +497,8 @@ def _check_values(r: Recipe, check_data: bool) -> None:
         0 <= d.max_bad_fraction <= 1, "data.max_bad_fraction", "a fraction in [0, 1]", d.max_bad_fraction
     )
     _require(d.split in SPLITS, "data.split", f"one of {', '.join(SPLITS)}", d.split)
-    _require(
-        d.transform in TRANSFORM_KINDS, "data.transform", f"one of {', '.join(TRANSFORM_KINDS)}", d.transform
-    )
+    kinds = (*TRANSFORM_KINDS, FINETUNE_TRANSFORM)
+    _require(d.transform in kinds, "data.transform", f"one of {', '.join(kinds)}", d.transform)
     scheme, sep, spec = d.source.partition(":")
     if not sep or scheme not in SOURCE_SCHEMES:
         raise RecipeError(
@@ -494,6 +525,7 @@ def _check_values(r: Recipe, check_data: bool) -> None:
         )
 
     _check_image_format(r)
+    _check_finetune_keys(r, check_data)
 
     for key in ("nan_at_step", "kill_after_step", "kill_in_save_at_step"):
         value = getattr(r.debug, key)
@@ -533,3 +565,84 @@ def _check_image_format(r: Recipe) -> None:
         "two area fractions [low, high] with 0 < low <= high <= 1 (MAE: [0.2, 1.0])",
         scale,
     )
+
+
+def _check_finetune_keys(r: Recipe, check_data: bool) -> None:
+    """The keys fine-tuning brought: augmentation, layer decay, the initial encoder, evaluation.
+
+    Each is generic (any method may set them); what a key needs of the method (layer decay a
+    ``group_matcher``, evaluation an ``evaluate``) is asked of the method's class, not of its name.
+    """
+    from mimkit.data import SOURCE_SCHEMES, SPLITS
+    from mimkit.finetune.transforms import check_auto_augment
+    from mimkit.ssl.registry import METHODS, method_class
+
+    d, e, t = r.data, r.eval, r.train
+    _require(0 <= d.random_erase <= 1, "data.random_erase", "a probability in [0, 1]", d.random_erase)
+    if d.auto_augment is not None:
+        try:
+            check_auto_augment(d.auto_augment)
+        except ValueError as err:
+            raise RecipeError(f"data.auto_augment {d.auto_augment!r}: {err}") from None
+
+    cls = method_class(r.method.name)
+    if r.optim.layer_decay is not None and not hasattr(cls, "group_matcher"):
+        able = [n for n in METHODS.names() if hasattr(METHODS.get(n), "group_matcher")]
+        raise RecipeError(
+            f"optim.layer_decay={r.optim.layer_decay} needs a method that numbers its layers "
+            f"(a group_matcher, as timm models have); method {r.method.name!r} does not. Methods that "
+            f"do: {', '.join(able)}; or set optim.layer_decay=null"
+        )
+
+    if t.init_from is not None:
+        _require(bool(t.init_from), "train.init_from", "a path or null", t.init_from)
+        if check_data and not Path(t.init_from).expanduser().exists():
+            raise RecipeError(
+                f"train.init_from {t.init_from!r} does not exist; expected an encoder export or run "
+                "directory (encoder.safetensors + encoder.json), one of those files, or a checkpoint file"
+            )
+
+    if t.ema_decay is not None:
+        _require(0 < t.ema_decay < 1, "train.ema_decay", "a decay in (0, 1) or null (off)", t.ema_decay)
+        if t.zero_stage == 3:
+            raise RecipeError(
+                "train.ema_decay needs every weight on every rank: train.zero_stage 0, 1 or 2, not 3"
+            )
+
+    metrics = getattr(cls, "eval_metrics", None)
+    if e.source is not None:
+        scheme, sep, spec = e.source.partition(":")
+        if not sep or scheme not in SOURCE_SCHEMES:
+            raise RecipeError(
+                f"eval.source {e.source!r} has no known scheme; valid: "
+                + ", ".join(f"{s}:..." for s in SOURCE_SCHEMES)
+                + " (or null: data.source)"
+            )
+        if check_data and scheme == "folder" and not Path(spec).expanduser().is_dir():
+            raise RecipeError(f"eval.source {e.source!r}: the folder {spec!r} does not exist")
+    if e.split is not None:
+        _require(e.split in SPLITS, "eval.split", f"one of {', '.join(SPLITS)} or null", e.split)
+        if metrics is None:
+            able = [n for n in METHODS.names() if getattr(METHODS.get(n), "eval_metrics", None)]
+            raise RecipeError(
+                f"eval.split={e.split!r}: method {r.method.name!r} has no evaluation of its own; "
+                f"set eval.split=null (methods that evaluate: {', '.join(able)})"
+            )
+    _require(e.every_epochs >= 1, "eval.every_epochs", "a positive integer (epochs)", e.every_epochs)
+    _require(
+        e.micro_size is None or e.micro_size >= 1,
+        "eval.micro_size",
+        "a positive integer or null (batch.micro_size)",
+        e.micro_size,
+    )
+    if e.best_metric is not None:
+        if e.split is None:
+            raise RecipeError(
+                f"eval.best_metric={e.best_metric!r} needs eval.split (the split it is read on)"
+            )
+        _require(
+            e.best_metric in metrics,
+            "eval.best_metric",
+            f"one of {', '.join(metrics)} (what method {r.method.name!r} evaluates) or null",
+            e.best_metric,
+        )

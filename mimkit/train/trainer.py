@@ -1,16 +1,24 @@
-"""The pretraining loop on DeepSpeed, method-agnostic: it calls ``method(batch)["loss"]``.
+"""The training loop on DeepSpeed, method-agnostic: it calls ``method(batch)["loss"]``.
 
 :func:`pretrain` takes a validated :class:`~mimkit.train.config.Recipe` and owns a run directory::
 
     RUN/recipe.yaml              the resolved recipe (defaults and overrides applied)
-    RUN/metrics.jsonl            one JSON line per logged step, appended and flushed
+    RUN/metrics.jsonl            one JSON line per logged step (and per evaluation), appended and flushed
     RUN/checkpoints/             DeepSpeed checkpoints and ``latest`` (see mimkit.train.checkpoint)
     RUN/model.safetensors        the whole method, fp32, consolidated over ZeRO shards
     RUN/encoder.safetensors      the backbone alone, with encoder.json (mimkit.models.load_backbone)
+    RUN/best/                    the same exports of the best checkpoint (with eval.best_metric)
+    RUN/ema/                     the same exports of the weight average (with train.ema_decay)
 
 Starting a run whose directory holds a complete checkpoint resumes it: weights, optimizer,
 step (hence the learning rate), every random state and the position in the epoch, so the
 resumed run continues exactly as the uninterrupted one would have.
+
+Pretraining and fine-tuning share it. What a method may add is asked of the method, never of its
+name: ``evaluate`` (run on ``eval.split``, see :mod:`mimkit.train.evaluation`), ``group_matcher``
+(layer-wise lr decay; each optimizer group's lr is the schedule's times its ``lr_scale``) and
+``save_exports`` (files beside the encoder export). ``train.init_from`` loads an encoder before
+the first step (:mod:`mimkit.train.init_from`).
 """
 
 from __future__ import annotations
@@ -38,6 +46,8 @@ from mimkit.train import checkpoint
 from mimkit.train.config import Recipe, RecipeError, from_dict, load_recipe
 from mimkit.train.cpu_memory import keep_freed_memory
 from mimkit.train.distributed import Dist, barrier, import_deepspeed, init_distributed
+from mimkit.train.evaluation import Best, Evaluator
+from mimkit.train.init_from import load_init
 from mimkit.train.loader import build_loader, build_stream_loader
 from mimkit.train.optim import build_adamw
 from mimkit.train.schedule import warmup_cosine_lr
@@ -46,6 +56,8 @@ RECIPE_FILE = "recipe.yaml"
 METRICS_FILE = "metrics.jsonl"
 MODEL_FILE = "model.safetensors"
 CHECKPOINTS = "checkpoints"
+BEST_DIR = "best"
+EMA_DIR = "ema"
 INPUT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -75,6 +87,8 @@ class RunResult:
     encoder_path: Path
     model_path: Path
     checkpoint: Path
+    best: dict[str, Any] | None = None  # eval.best_metric's best value, step and export directory
+    evaluation: dict[str, float] | None = None  # the last evaluation of this call (eval.split)
 
 
 def deepspeed_config(recipe: Recipe) -> dict[str, Any]:
@@ -93,14 +107,23 @@ def deepspeed_config(recipe: Recipe) -> dict[str, Any]:
     }
 
 
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every group's lr to ``lr`` times its ``lr_scale`` (layer-wise decay; 1 where a group has none)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # and every CUDA device
 
 
-def pretrain(recipe: Recipe) -> RunResult:
-    """Train (or resume) the run ``recipe`` describes; every rank of the job calls this."""
+def pretrain(recipe: Recipe, task: str = "pretrain") -> RunResult:
+    """Train (or resume) the run ``recipe`` describes; every rank of the job calls this.
+
+    ``task`` only names the run in the progress bar and the summary (``finetune`` for fine-tuning).
+    """
     start_time = time.time()
     dist = init_distributed()
     if dist.world_size != recipe.world_size:  # launched differently from how it was validated
@@ -117,12 +140,17 @@ def pretrain(recipe: Recipe) -> RunResult:
     steps_per_epoch = sampler.steps_per_epoch
     total_steps = recipe.train.epochs * steps_per_epoch
     last_step = min(total_steps, recipe.train.max_steps or total_steps)
-    engine, optimizer = build_engine(recipe, dist)
+    evaluator = Evaluator(recipe, dist) if recipe.eval.split else None
+    resuming = checkpoint.latest_tag(ckpt_dir) is not None  # then the checkpoint holds the weights
+    engine, optimizer = build_engine(recipe, dist, init_from=None if resuming else recipe.train.init_from)
     o = recipe.optim
 
     state = checkpoint.load(engine, ckpt_dir, dist.rank)
     step = state["step"] if state else 0
     last_tag = state["tag"] if state else None
+    best = _best_tracker(recipe, engine.module, state)
+    ema = _build_ema(recipe, engine.module, state)
+    last_scores = None
     if dist.is_main:
         _prepare_run_dir(recipe, run_dir, step if state else None)
     barrier()
@@ -131,7 +159,7 @@ def pretrain(recipe: Recipe) -> RunResult:
     bar = tqdm(
         total=last_step,
         initial=step,
-        desc=f"pretrain {run_dir.name}",
+        desc=f"{task} {run_dir.name}",
         unit="step",
         dynamic_ncols=True,
         disable=not (dist.is_main and recipe.run.progress),
@@ -154,8 +182,7 @@ def pretrain(recipe: Recipe) -> RunResult:
                 lr = warmup_cosine_lr(
                     step, steps_per_epoch, recipe.lr, recipe.train.epochs, o.warmup_epochs, o.min_lr
                 )
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
+                set_lr(optimizer, lr)
             batch = {
                 k: v.to(engine.device, input_dtype if v.is_floating_point() else None, non_blocking=True)
                 for k, v in batch.items()
@@ -182,6 +209,8 @@ def pretrain(recipe: Recipe) -> RunResult:
                 continue
 
             step += 1
+            if ema is not None:
+                ema.update(engine.module, step)
             if first_loss is None:
                 first_loss = window.loss_sum / window.count
             bar.update(1)
@@ -207,8 +236,21 @@ def pretrain(recipe: Recipe) -> RunResult:
                     }
                 )
                 window = _Window()
-            if step == last_step or (recipe.run.checkpoint_every and step % recipe.run.checkpoint_every == 0):
-                last_tag = _save(engine, ckpt_dir, step, steps_per_epoch, recipe, dist)
+            improved = False
+            if evaluator is not None and _eval_due(
+                step, steps_per_epoch, last_step, recipe.eval.every_epochs
+            ):
+                last_scores = evaluator(engine.module, engine.device, input_dtype)
+                if ema is not None:  # fp32 weights, fp32 inputs
+                    ema_scores = evaluator(ema.module, engine.device, torch.float32)
+                    last_scores.update({f"ema_{k}": v for k, v in ema_scores.items()})
+                improved = best is not None and best.update(last_scores, step)
+                log.write(_eval_record(last_scores, evaluator.split, step, steps_per_epoch, start_time))
+                if dist.is_main:
+                    bar.write(_eval_line(last_scores, evaluator.split, step, steps_per_epoch, improved))
+            every = recipe.run.checkpoint_every
+            if step == last_step or (every and step % every == 0) or improved:
+                last_tag = _save(engine, ckpt_dir, step, steps_per_epoch, recipe, dist, best, ema)
             if recipe.debug.kill_after_step == step:
                 os.kill(os.getpid(), signal.SIGKILL)
             if step >= last_step:
@@ -217,8 +259,11 @@ def pretrain(recipe: Recipe) -> RunResult:
     bar.close()
 
     if last_tag != checkpoint.tag_for(step):  # resumed a run that had already finished
-        last_tag = _save(engine, ckpt_dir, step, steps_per_epoch, recipe, dist)
+        last_tag = _save(engine, ckpt_dir, step, steps_per_epoch, recipe, dist, best, ema)
+    best_dir = _export_best(engine, recipe, ckpt_dir, best, last_tag, run_dir, dist)
     _export(engine, recipe, ckpt_dir, last_tag, run_dir, dist.rank, step)
+    if ema is not None and dist.is_main:
+        _write_exports(_cpu_state(ema.module), recipe, run_dir / EMA_DIR, step)
     barrier()
     result = RunResult(
         module=engine.module,
@@ -231,10 +276,92 @@ def pretrain(recipe: Recipe) -> RunResult:
         encoder_path=run_dir / "encoder.safetensors",
         model_path=run_dir / MODEL_FILE,
         checkpoint=ckpt_dir / last_tag,
+        best={**best.state(), "dir": best_dir} if best is not None and best_dir is not None else None,
+        evaluation=last_scores,
     )
     if dist.is_main:
-        print(summary(result, recipe, total_steps), flush=True)
+        print(summary(result, recipe, total_steps, task), flush=True)
     return result
+
+
+def _best_tracker(recipe: Recipe, module: nn.Module, state: dict | None) -> Best | None:
+    """The best-checkpoint tracker ``eval.best_metric`` asks for, restored from the checkpoint."""
+    metric = recipe.eval.best_metric
+    if metric is None:
+        return None
+    mode = type(module).eval_metrics[metric]
+    return Best.from_state(metric, mode, (state or {}).get("best"))
+
+
+def _build_ema(recipe: Recipe, module: nn.Module, state: dict | None):
+    """``train.ema_decay``: timm's ``ModelEmaV3`` of the module in fp32, restored from the checkpoint.
+
+    Built after the checkpoint is loaded, so a run that turns the average on when resuming starts it
+    from the resumed weights. Every rank keeps the same average (ZeRO stages 0-2 hold every weight).
+    """
+    if recipe.train.ema_decay is None:
+        return None
+    from timm.utils import ModelEmaV3
+
+    ema = ModelEmaV3(module, decay=recipe.train.ema_decay, dtype=torch.float32)
+    ema.module.requires_grad_(False)
+    saved = (state or {}).get("ema")
+    if saved is not None:
+        ema.module.load_state_dict(saved, strict=True)
+    return ema
+
+
+def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {
+        k: v.detach().to("cpu", torch.float32).clone().contiguous() for k, v in module.state_dict().items()
+    }
+
+
+def _eval_due(step: int, steps_per_epoch: int, last_step: int, every_epochs: int) -> bool:
+    """At the end of every ``every_epochs``-th epoch, and of the run."""
+    epoch_end = step % steps_per_epoch == 0 and (step // steps_per_epoch) % every_epochs == 0
+    return epoch_end or step == last_step
+
+
+def _eval_record(scores: dict, split: str, step: int, steps_per_epoch: int, start: float) -> dict:
+    named = {f"{split}_{k}": v for k, v in scores.items()}
+    return {
+        "step": step,
+        "epoch": round(step / steps_per_epoch, 4),
+        **named,
+        "time": round(time.time() - start, 2),
+    }
+
+
+def _eval_line(scores: dict, split: str, step: int, steps_per_epoch: int, improved: bool) -> str:
+    values = ", ".join(f"{k} {v:.4g}" for k, v in scores.items())
+    mark = " (best so far)" if improved else ""
+    return f"[mimkit] step {step} (epoch {step / steps_per_epoch:g}) {split}: {values}{mark}"
+
+
+def _export_best(
+    engine, recipe: Recipe, ckpt_dir: Path, best: Best | None, last_tag: str, run_dir: Path, dist: Dist
+) -> Path | None:
+    """Export the best checkpoint to ``RUN/best`` (the same files as the run's); returns it, or None.
+
+    The best step's checkpoint is kept through pruning (see :func:`_save`); it is read back into the
+    engine (without its random state), exported, and the last checkpoint read back again, so the
+    engine ends as the run did. Exporting only here, from complete checkpoints, keeps ``best/``
+    whole whatever killed an earlier attempt.
+    """
+    if best is None or best.step is None:
+        return None
+    tag = checkpoint.tag_for(best.step)
+    if not (ckpt_dir / tag).is_dir():
+        if dist.is_main:
+            print(f"[mimkit] the best checkpoint {ckpt_dir / tag} is gone; no best/ export", file=sys.stderr)
+        return None
+    if tag != last_tag:
+        checkpoint.load(engine, ckpt_dir, dist.rank, tag=tag, restore_rng=False)
+    _export(engine, recipe, ckpt_dir, tag, run_dir / BEST_DIR, dist.rank, best.step)
+    if tag != last_tag:
+        checkpoint.load(engine, ckpt_dir, dist.rank, tag=last_tag, restore_rng=False)
+    return run_dir / BEST_DIR
 
 
 def resolve_auto_stats(recipe: Recipe, verbose: bool = False) -> Recipe:
@@ -265,8 +392,13 @@ def resolve_auto_stats(recipe: Recipe, verbose: bool = False) -> Recipe:
 def train_transform(recipe: Recipe):
     """The transform the trainer applies to every training sample of ``recipe``."""
     from mimkit.data import build_transform
+    from mimkit.finetune.transforms import FINETUNE_TRANSFORM, finetune_transform
 
     d = recipe.data
+    if d.transform == FINETUNE_TRANSFORM:
+        return finetune_transform(
+            recipe.img_size, recipe.normalization, d.crop_scale, d.auto_augment, d.random_erase
+        )
     return build_transform(d.transform, recipe.img_size, recipe.normalization, d.crop_scale)
 
 
@@ -358,11 +490,14 @@ def _too_many_bad(good: int, bad: int, max_bad_fraction: float) -> bool:
     return bad > max_bad_fraction * read
 
 
-def build_engine(recipe: Recipe, dist: Dist):
+def build_engine(recipe: Recipe, dist: Dist, init_from: str | None = None):
     """The method, built from the same seed on every rank, wrapped in a DeepSpeed engine with AdamW.
 
-    Returns ``(engine, optimizer)``. With ``train.compile`` the engine's module goes through
-    ``torch.compile`` (DeepSpeed's ``engine.compile``; state-dict keys stay unchanged).
+    Returns ``(engine, optimizer)``. ``init_from`` (``train.init_from`` on a fresh run) loads an
+    encoder into ``method.encoder`` first (:func:`mimkit.train.init_from.load_init`; rank 0 prints
+    what it loaded); a file that does not fit is a :class:`RecipeError`. With ``train.compile`` the
+    engine's module goes through ``torch.compile`` (DeepSpeed's ``engine.compile``; state-dict keys
+    stay unchanged).
     """
     from mimkit.ssl import build_method
 
@@ -371,9 +506,13 @@ def build_engine(recipe: Recipe, dist: Dist):
         keep_freed_memory()  # 13-20% faster CPU steps (mimkit/train/cpu_memory.py)
     seed_everything(recipe.run.seed)  # identical initial weights on every rank
     method = build_method(recipe.method.to_dict())
+    if init_from is not None:
+        _init_encoder(method, init_from, recipe, dist.is_main)
     method.set_grad_checkpointing(recipe.train.grad_checkpointing)
     o = recipe.optim
-    optimizer = build_adamw(method, recipe.lr, o.betas, o.eps, o.weight_decay, o.no_decay, dist.device)
+    optimizer = build_adamw(
+        method, recipe.lr, o.betas, o.eps, o.weight_decay, o.no_decay, dist.device, o.layer_decay
+    )
     engine, optimizer, _, _ = deepspeed.initialize(
         model=method, optimizer=optimizer, config=deepspeed_config(recipe)
     )
@@ -387,13 +526,53 @@ def build_engine(recipe: Recipe, dist: Dist):
     return engine, optimizer
 
 
-def _save(engine, ckpt_dir: Path, step: int, steps_per_epoch: int, recipe: Recipe, dist: Dist) -> str:
+def _init_encoder(method: nn.Module, path: str, recipe: Recipe, verbose: bool) -> None:
+    """``train.init_from``: load ``path`` into ``method.encoder``; what does not fit is a RecipeError."""
+    try:
+        report = load_init(method.encoder, path)
+    except (ValueError, OSError) as err:
+        raise RecipeError(str(err)) from None
+    if not verbose:
+        return
+    print(report.describe(), file=sys.stderr)
+    recorded = report.normalization
+    if recorded is not None and recorded != recipe.normalization.to_dict():
+        print(
+            f"[mimkit] the encoder in train.init_from was trained on inputs normalised with {recorded}, "
+            f"the recipe normalises with {recipe.normalization.to_dict()}; set data.mean and data.std "
+            "to the former unless the change is meant",
+            file=sys.stderr,
+        )
+
+
+def _save(
+    engine,
+    ckpt_dir: Path,
+    step: int,
+    steps_per_epoch: int,
+    recipe: Recipe,
+    dist: Dist,
+    best: Best | None = None,
+    ema=None,
+) -> str:
+    """Save step ``step``; the best checkpoint (``eval.best_metric``) is kept through pruning.
+
+    The weight average (``train.ema_decay``) rides in DeepSpeed's client state, so it is part of
+    the same checkpoint and published with it.
+    """
     client_state = {
         "step": step,
         "epoch": step // steps_per_epoch,
         "step_in_epoch": step % steps_per_epoch,
         "world_size": dist.world_size,
     }
+    if ema is not None:
+        client_state["ema"] = _cpu_state(ema.module)
+    protect = ()
+    if best is not None:
+        client_state["best"] = best.state()
+        if best.step is not None:
+            protect = (checkpoint.tag_for(best.step),)
     return checkpoint.save(
         engine,
         ckpt_dir,
@@ -402,6 +581,7 @@ def _save(engine, ckpt_dir: Path, step: int, steps_per_epoch: int, recipe: Recip
         dist.rank,
         recipe.run.keep_checkpoints,
         fail_midway=recipe.debug.kill_in_save_at_step == step,
+        protect=protect,
     )
 
 
@@ -493,21 +673,35 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _export(engine, recipe: Recipe, ckpt_dir: Path, tag: str, run_dir: Path, rank: int, step: int) -> None:
-    """Write ``model.safetensors`` (whole method, fp32) and the encoder export (rank 0 writes)."""
+def _export(engine, recipe: Recipe, ckpt_dir: Path, tag: str, directory: Path, rank: int, step: int) -> None:
+    """Write ``model.safetensors`` (whole method, fp32) and the encoder export (rank 0 writes).
+
+    A method with ``save_exports(directory, provenance)`` adds its own files (fine-tuning: the
+    classifier as timm loads it).
+    """
+    state = checkpoint.consolidated_state_dict(engine, ckpt_dir, tag, rank)
+    if rank == 0:
+        _write_exports(state, recipe, directory, step)
+
+
+def _write_exports(state: dict[str, torch.Tensor], recipe: Recipe, directory: Path, step: int) -> None:
+    """The files of :func:`_export` from a whole fp32 state dict of the method."""
     from mimkit.models import save_backbone
     from mimkit.ssl import build_method
 
-    state = checkpoint.consolidated_state_dict(engine, ckpt_dir, tag, rank)
-    if rank != 0:
-        return
+    directory.mkdir(parents=True, exist_ok=True)
     method = build_method(recipe.method.to_dict())
     method.load_state_dict(state, strict=True)
     metadata = {"format": "mimkit-method-v1", "method": recipe.method.name}
-    atomic_write(run_dir / MODEL_FILE, lambda tmp: save_file(state, str(tmp), metadata=metadata))
+    atomic_write(directory / MODEL_FILE, lambda tmp: save_file(state, str(tmp), metadata=metadata))
     provenance = {"method": recipe.method.name, "steps": step, "data": recipe.data.source}
+    if recipe.train.init_from is not None:
+        provenance["init_from"] = recipe.train.init_from
     method.encoder.normalization = recipe.normalization.to_dict()
-    save_backbone(method.encoder, run_dir, extra={"pretrained": provenance})
+    save_backbone(method.encoder, directory, extra={"pretrained": provenance})
+    save_exports = getattr(method, "save_exports", None)
+    if save_exports is not None:
+        save_exports(directory, provenance)
 
 
 def load_method(run_dir: str | os.PathLike, map_location: str = "cpu") -> nn.Module:
@@ -524,7 +718,7 @@ def load_method(run_dir: str | os.PathLike, map_location: str = "cpu") -> nn.Mod
     return method.eval()
 
 
-def summary(result: RunResult, recipe: Recipe, total_steps: int) -> str:
+def summary(result: RunResult, recipe: Recipe, total_steps: int, task: str = "pretrain") -> str:
     """The one-screen report printed at the end of a run."""
     minutes, seconds = divmod(int(result.wall_time), 60)
     done = result.steps - result.resumed_from
@@ -534,7 +728,7 @@ def summary(result: RunResult, recipe: Recipe, total_steps: int) -> str:
     if result.final_loss is not None:
         loss = f"{result.first_loss:.4f} (first step) -> {result.final_loss:.4f} (last logged)"
     lines = [
-        f"mimkit pretrain: {recipe.method.name} on {recipe.method.backbone['name']} finished",
+        f"mimkit {task}: {recipe.method.name} on {recipe.method.backbone['name']} finished",
         f"  steps       {result.steps} of {total_steps}{resumed}, {recipe.world_size} rank(s), "
         f"global batch {recipe.batch.global_size}",
         f"  wall time   {minutes}m{seconds:02d}s ({speed:.1f} images/s)",
@@ -544,4 +738,12 @@ def summary(result: RunResult, recipe: Recipe, total_steps: int) -> str:
         f"  checkpoint  {result.checkpoint}",
         f"  metrics     {result.run_dir / METRICS_FILE}",
     ]
+    if result.evaluation:
+        split = recipe.eval.split
+        lines.append(
+            f"  {split + ' (last)':<11} " + ", ".join(f"{k} {v:.4g}" for k, v in result.evaluation.items())
+        )
+    if result.best is not None:
+        b = result.best
+        lines.append(f"  best        {b['metric']} {b['value']:.4g} at step {b['step']} -> {b['dir']}")
     return "\n".join(lines)

@@ -145,3 +145,80 @@ def test_source_features_are_cached_by_encoder_and_data(export, tmp_path, monkey
     with pytest.raises(AssertionError, match="cache was not used"):  # another split is another key
         source_features(model, uri, "train", cached)
     assert json.loads((path / "encoder.json").read_text())["name"] == "vit_tiny_patch16"
+
+
+def test_extraction_is_identical_with_and_without_loader_processes():
+    from mimkit.data import build_source, build_transform
+    from mimkit.eval.features import input_normalization
+
+    torch.manual_seed(0)
+    model = create_backbone("vit_tiny_patch16", **TINY).eval()
+    transform = build_transform("eval", 32, input_normalization(model))
+    dataset = build_source("synthetic:shapes?size=32&train=20&val=1", "train", transform)
+    runs = {
+        workers: extract_features(
+            model, dataset, ExtractSettings(batch_size=6, workers=workers, progress=False), tokens=True
+        )
+        for workers in (0, 2)
+    }
+    assert set(runs[0]) == {"cls", "patch_mean", "last_cls", "patch_tokens", "label"}
+    assert runs[0]["patch_tokens"].shape == (20, 16, 32) and len(runs[0]["label"]) == 20
+    for key, value in runs[0].items():
+        assert torch.equal(value, runs[2][key]), key
+
+
+def test_the_prefetch_thread_keeps_order_raises_where_the_loader_failed_and_stops_early():
+    from mimkit.eval.features import prefetched
+
+    assert list(prefetched(iter(range(10)), depth=2)) == list(range(10))
+
+    def failing():
+        yield from range(3)
+        raise OSError("image 3 is truncated")
+
+    seen = []
+    with pytest.raises(OSError, match="image 3 is truncated"):
+        for item in prefetched(failing()):
+            seen.append(item)
+    assert seen == [0, 1, 2]
+    endless = prefetched(iter(range(10**9)), depth=1)
+    assert next(endless) == 0
+    endless.close()  # the consumer stops: the thread ends instead of filling forever
+
+
+def test_a_token_cache_serves_the_token_free_features_too(export, tmp_path, monkeypatch):
+    path, _ = export
+    model = load_encoder(path)
+    uri = "synthetic:shapes?size=32&train=6&val=4"
+    cached = ExtractSettings(cache_dir=tmp_path, progress=False)
+    with_tokens = source_features(model, uri, "val", cached, tokens=True)
+    assert with_tokens["patch_tokens"].shape == (4, 16, 32)
+    monkeypatch.setattr(
+        features_module, "extract_features", lambda *a, **k: pytest.fail("not read from the cache")
+    )
+    plain = source_features(model, uri, "val", cached)
+    assert "patch_tokens" not in plain
+    torch.testing.assert_close(plain["cls"], with_tokens["cls"])
+    assert torch.equal(features_module.split_labels(model, uri, "val", cached), with_tokens["label"])
+
+
+def test_extract_benchmark_sets_extraction_against_the_forward_pass(export, tmp_path):
+    import argparse
+
+    from benchmarks import extract
+
+    path, _ = export
+    parser = argparse.ArgumentParser()
+    extract.add_args(parser)
+    args = parser.parse_args(
+        ["--encoder", str(path), "--images", "12", "--batch-size", "6", "--workers", "0", "--repeat", "1",
+         "--sources", "synthetic:shapes", "folder"]
+    )  # fmt: skip
+    out = extract.run(args)
+    rows = out["results"]
+    assert [(r["source"].split(" ")[0], r["loader"]) for r in rows] == [
+        ("synthetic:shapes", "prefetch thread"), ("synthetic:shapes", "before: calling thread, with masks"),
+        ("folder", "prefetch thread"), ("folder", "before: calling thread, with masks"),
+    ]  # fmt: skip
+    assert all(r["extract_images_per_s"] > 0 and r["of_forward"] > 0 for r in rows)
+    assert out["options"]["img_size"] == 32

@@ -90,7 +90,7 @@ def test_knn_eval_extracts_as_its_settings_say_and_records_them(monkeypatch):
 
     monkeypatch.setattr(knn_module, "source_features", fake_features)
     asked = ExtractSettings(precision="bf16", batch_size=7, n_last_blocks=3, progress=False)
-    res = knn_eval(model, "x:train", ks=(5,), shots=(), extract=asked)
+    res = knn_eval(model, "synthetic:shapes?size=32&train=12&val=12", ks=(5,), shots=(), extract=asked)
     # the size is resolved to the encoder's; k-NN reads the last block only
     assert seen == [dataclasses.replace(asked, img_size=32, n_last_blocks=1)] * 2
     assert res["settings"]["precision"] == "bf16"

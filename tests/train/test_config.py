@@ -85,7 +85,9 @@ def test_method_files_hold_only_what_differs_from_the_base():
 def test_a_recipe_must_name_its_method_and_backbone(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text("data: {workers: 0}\n")
-    with pytest.raises(RecipeError, match=r"method needs a name and a backbone.*methods: cae, cmae, mae"):
+    with pytest.raises(
+        RecipeError, match=r"method needs a name and a backbone.*methods: cae, cmae, finetune, mae"
+    ):
         load_recipe(path, check_data=False)
 
 

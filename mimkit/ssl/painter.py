@@ -1,0 +1,330 @@
+"""Painter: Wang et al., "Images Speak in Images: A Generalist Painter for In-Context Visual
+Learning" (CVPR 2023), written from the paper.
+
+Painter trains masked image modelling on stitched (input, output) pairs of the same task, where
+every dense task's output is rendered as a 3-channel image; at inference a prompt pair and the
+query are stitched and the model paints the query's output. Here:
+
+- **Sample.** Each batch image is paired with its neighbour in the (shuffled) batch (for
+  ``foreground``, with a batch image holding the same class); both pairs take the same task,
+  drawn per canvas from ``tasks``: ``segmentation`` (the batch's ``mask`` as a fixed colour map,
+  :class:`~mimkit.ssl.canvas.Palette` over ``num_classes``), ``foreground`` (one class present
+  in the first pair's mask, white on black in both pairs: the prompt names the class, Bar et
+  al.'s binary task),
+  ``edges`` (Sobel magnitude of the image, as grey) or ``identity`` (the image itself). Images
+  and masks are resized to the cell size ``img_size / 2 - separator`` (bilinear / nearest) and
+  stitched on the 2x2 canvas of :mod:`mimkit.ssl.canvas`: top row the first pair, bottom row the
+  second. The recipe's source
+  therefore provides images at the backbone's ``img_size`` (the usual transform) and this method
+  shrinks them; nothing in the data layer changes.
+- **Mask** (:class:`CanvasMasking`, ``{type: canvas}``): ``ratio`` of the canvas patches masked,
+  ``output_share`` of them on the output half (right column), the rest on the inputs; with
+  probability ``answer_prob`` a canvas has its whole bottom-right quadrant masked, the inference
+  mask, plus its remaining budget at random. The default (0.25, 1.0, 0.5) masks half of the
+  outputs and no input, Painter's share; half the canvases are then exactly the inference mask.
+- **Loss.** Smooth-L1 (beta 0.01, the paper's) on the raw (input-normalised, not per-patch
+  normalised) pixels of the masked patches, so the model paints absolute colours.
+
+Deviations, and why:
+
+- Painter stacks prompt over query (896 x 448) in two streams (images, outputs) that are merged
+  after three blocks, and encodes mask tokens (SimMIM-style) with a light multi-level conv head.
+  Here one plain registry ViT encodes the visible patches of one canvas (MAE-style) and MAE's
+  decoder paints: the encoder stays an ordinary backbone, exported and loaded like every other,
+  and the canvas is Bar et al.'s 2x2, so one prompting tool reads MAE and Painter alike.
+- Painter masks block-wise (784 of 1568 output patches, up to 392 per block); here masking is
+  random per patch, and ``output_share < 1`` may also hide inputs (an MAE-like signal). A first
+  demo run with (0.5, 0.75) spent its loss on unpredictable input textures and painted flat
+  colours; masking outputs only fixed that.
+- Painter's tasks come from labelled datasets (depth, segmentation, keypoints, denoising, ...);
+  here the outputs come from the batch's ``mask`` (sources with ``segmentation=1``, ``voc:``,
+  ``ade20k:``) or from the image itself (edges, identity).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from mimkit.data.transforms import Normalization
+from mimkit.models import Backbone
+from mimkit.ssl import canvas as cv
+from mimkit.ssl.base import MaskedImageModel
+from mimkit.ssl.decoder import MAEDecoder
+from mimkit.ssl.mae import init_mae_weights
+from mimkit.ssl.masking import MaskGenerator, ids_keep, num_masked, register_mask
+from mimkit.ssl.registry import register_method
+from mimkit.ssl.targets import patchify, select_patches, unpatchify
+
+TASKS = ("segmentation", "foreground", "edges", "identity")
+DEFAULT_TASKS = ("segmentation", "foreground")
+SMOOTH_L1_BETA = 0.01  # Painter's
+
+
+@register_mask("canvas")
+class CanvasMasking(MaskGenerator):
+    """Random masking of a 2x2 canvas with most of the mask on the output half (right column).
+
+    Args:
+        ratio: share of all patches masked; 0.25 with ``output_share`` 1 masks half of the output
+            half and none of the inputs, as Painter masks half of its output stream only.
+        output_share: share of the masked patches that lie on the output half; the count there is
+            capped at the half's size and the rest falls on the inputs.
+        answer_prob: probability that a canvas masks its whole bottom-right quadrant (the
+            inference mask) first; needs the output budget to cover a quadrant.
+    """
+
+    def __init__(self, ratio: float = 0.25, output_share: float = 1.0, answer_prob: float = 0.5):
+        super().__init__(ratio)
+        if not 0.0 <= output_share <= 1.0:
+            raise ValueError(f"output_share must be in [0, 1], got {output_share!r}")
+        if not 0.0 <= answer_prob <= 1.0:
+            raise ValueError(f"answer_prob must be in [0, 1], got {answer_prob!r}")
+        self.output_share = float(output_share)
+        self.answer_prob = float(answer_prob)
+
+    def counts(self, num_patches: int) -> tuple[int, int]:
+        """(masked on the output half, masked on the input half) for a canvas of ``num_patches``."""
+        total = num_masked(num_patches, self.ratio)
+        half = num_patches // 2
+        on_output = min(round(self.output_share * total), half)
+        on_input = total - on_output
+        if on_input > half:  # a low share at a high ratio: the inputs are full, the rest spills over
+            on_input, on_output = half, total - half
+        return on_output, on_input
+
+    def sample(self, batch_size, grid_size, generator):
+        length = grid_size[0] * grid_size[1]
+        output = cv.output_half_mask(grid_size)
+        answer = cv.answer_patch_mask(grid_size)
+        on_output, on_input = self.counts(length)
+        out_idx, in_idx = output.nonzero()[:, 0], (~output).nonzero()[:, 0]
+        noise_out = torch.rand(batch_size, len(out_idx), generator=generator)
+        if self.answer_prob > 0:
+            if on_output < int(answer.sum()):
+                raise ValueError(
+                    f"answer_prob={self.answer_prob} needs at least {int(answer.sum())} masked output "
+                    f"patches, but ratio={self.ratio} and output_share={self.output_share} give {on_output}"
+                )
+            forced = torch.rand(batch_size, 1, generator=generator) < self.answer_prob
+            noise_out = torch.where(forced & answer[out_idx][None], noise_out - 2.0, noise_out)
+        noise_in = torch.rand(batch_size, len(in_idx), generator=generator)
+        mask = torch.zeros(batch_size, length, dtype=torch.bool)
+        mask[:, out_idx] = _lowest(noise_out, on_output)
+        mask[:, in_idx] = _lowest(noise_in, on_input)
+        return mask
+
+    def __repr__(self) -> str:
+        return (
+            f"CanvasMasking(ratio={self.ratio}, output_share={self.output_share}, "
+            f"answer_prob={self.answer_prob})"
+        )
+
+
+def _lowest(noise: torch.Tensor, count: int) -> torch.Tensor:
+    """(B, N) bool, True at the ``count`` smallest entries of each row."""
+    chosen = torch.zeros_like(noise, dtype=torch.bool)
+    if count:
+        chosen.scatter_(1, noise.argsort(dim=1)[:, :count], True)
+    return chosen
+
+
+def sobel_edges(pixels: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) [0, 1] -> (B, 3, H, W) grey Sobel gradient magnitude, scaled to [0, 1]."""
+    grey = pixels.mean(1, keepdim=True)
+    kx = grey.new_tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]]).view(1, 1, 3, 3)
+    padded = F.pad(grey, (1, 1, 1, 1), mode="replicate")
+    gx, gy = F.conv2d(padded, kx), F.conv2d(padded, kx.transpose(2, 3))
+    magnitude = (gx.square() + gy.square()).sqrt() / 4.0  # a full 0-to-1 step gives 1
+    return magnitude.clamp(0.0, 1.0).expand(-1, 3, -1, -1)
+
+
+def foreground_of(labels: torch.Tensor, ignore_index: int | None, generator=None) -> torch.Tensor:
+    """One class per sample, drawn among the non-background (>= 1), non-ignored classes of
+    ``labels`` (B, H, W); class 0 when a sample holds none. Returns (B,) long."""
+    b = labels.shape[0]
+    flat = labels.reshape(b, -1).long()
+    top = int(flat[flat != ignore_index].max()) + 1 if ignore_index is not None else int(flat.max()) + 1
+    top = max(top, 2)
+    present = torch.zeros(b, top, dtype=torch.bool, device=labels.device)
+    valid = (flat >= 1) & (flat < top)
+    present.scatter_(1, flat.clamp(0, top - 1) * valid, valid)
+    present[:, 0] = False
+    scores = torch.rand(b, top, generator=generator).to(labels.device).masked_fill(~present, -1.0)
+    chosen = scores.argmax(1)
+    return torch.where(present.any(1), chosen, torch.zeros_like(chosen))
+
+
+def partners_holding(labels: torch.Tensor, classes: torch.Tensor, generator=None) -> torch.Tensor:
+    """(B,) for each sample i another sample of the batch whose mask holds ``classes[i]`` (drawn at
+    random), so a foreground episode has its class in both pairs as in Pascal-5i; i itself when
+    no other sample holds it."""
+    b = labels.shape[0]
+    holds = (labels.reshape(b, 1, -1) == classes.view(1, b, 1)).any(-1)  # [j, i]: j holds class of i
+    holds &= ~torch.eye(b, dtype=torch.bool, device=labels.device)
+    scores = torch.rand(b, b, generator=generator).to(labels.device).masked_fill(~holds, -1.0)
+    best = scores.argmax(0)
+    return torch.where(holds.any(0), best, torch.arange(b, device=labels.device))
+
+
+@register_method("painter")
+class Painter(MaskedImageModel):
+    """In-context pretraining on 2x2 canvases of two (image, output) pairs of the same task.
+
+    Args:
+        encoder: the backbone (its ``img_size`` is the canvas side), trained and exported.
+        mask_generator: :class:`CanvasMasking` by default.
+        tasks: the output renderings drawn from, uniformly per canvas (:data:`TASKS`; null:
+            :data:`DEFAULT_TASKS`).
+        num_classes: classes of the batch's ``mask`` (the segmentation palette's size).
+        ignore_index: the masks' ignore label (255 for voc:/ade20k:), painted grey.
+        separator: half-width in pixels of the white cross between cells.
+        mean, std: the input normalisation of the recipe (``data.mean`` / ``data.std``; null:
+            ImageNet's), in which rendered outputs and separators are written like the images.
+        decoder_dim, decoder_depth, decoder_heads, decoder_mlp_ratio: MAE's decoder.
+        smooth_l1_beta: the loss's switch point from quadratic to linear (Painter: 0.01).
+    """
+
+    default_mask = {"type": "canvas", "ratio": 0.25, "output_share": 1.0, "answer_prob": 0.5}
+    norm_pix_loss = False  # raw pixels: the prompting tool reads absolute colours
+
+    def __init__(
+        self,
+        encoder: Backbone,
+        mask_generator: MaskGenerator,
+        tasks: list[str] | None = None,
+        num_classes: int = 4,
+        ignore_index: int | None = 255,
+        separator: int = 1,
+        mean: list[float] | None = None,
+        std: list[float] | None = None,
+        decoder_dim: int = 512,
+        decoder_depth: int = 8,
+        decoder_heads: int = 16,
+        decoder_mlp_ratio: float = 4.0,
+        smooth_l1_beta: float = SMOOTH_L1_BETA,
+    ):
+        super().__init__(encoder, mask_generator)
+        tasks = list(DEFAULT_TASKS if tasks is None else tasks)
+        unknown = [t for t in tasks if t not in TASKS]
+        if not tasks or unknown:
+            raise ValueError(f"painter tasks {unknown or tasks!r}: each must be one of {', '.join(TASKS)}")
+        if encoder.in_chans != 3:
+            raise ValueError(
+                f"painter renders outputs in colour: the backbone needs in_chans=3, not {encoder.in_chans}"
+            )
+        side = encoder.patch_embed.img_size
+        if side[0] != side[1]:
+            raise ValueError(f"painter needs a square canvas, got img_size {tuple(side)}")
+        cv.answer_patch_mask(encoder.grid_size)  # raises unless the grid splits into quadrants
+        self.side = int(side[0])
+        self.cell = cv.cell_size(self.side, separator)
+        self.tasks = tasks
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.separator = separator
+        self.normalization = Normalization(tuple(mean), tuple(std)) if mean is not None else Normalization()
+        if (mean is None) != (std is None):
+            raise ValueError("painter mean and std go together: give both or neither")
+        self.palette = cv.Palette(num_classes)
+        self.binary = cv.Palette(2, binary=True)
+        self.smooth_l1_beta = smooth_l1_beta
+        self.patch_size = encoder.patch_size
+        self.decoder = MAEDecoder(
+            encoder.embed_dim,
+            encoder.grid_size,
+            self.patch_size**2 * 3,
+            dim=decoder_dim,
+            depth=decoder_depth,
+            num_heads=decoder_heads,
+            mlp_ratio=decoder_mlp_ratio,
+        )
+        init_mae_weights(self)
+
+    # ------------------------------------------------------------------ canvases
+
+    def render_outputs(self, task: str, images: torch.Tensor, labels: torch.Tensor | None, fg=None):
+        """The output image of ``task`` for cells ``images`` (B, 3, c, c), in input normalisation."""
+        norm = self.normalization
+        if task == "identity":
+            return images
+        if task == "edges":
+            return cv.normalize(sobel_edges(cv.denormalize(images, norm)), norm)
+        if labels is None:
+            raise ValueError(
+                f"painter task {task!r} needs the batch's 'mask': use a source with per-pixel labels "
+                "(synthetic:textures?...&segmentation=1, synthetic:shapes, voc:, ade20k:) or tasks "
+                "without masks (edges, identity)"
+            )
+        if task == "segmentation":
+            return cv.normalize(self.palette.render(labels, self.ignore_index), norm)
+        binary = (labels == fg[:, None, None]).long()
+        if self.ignore_index is not None:
+            binary = torch.where(labels == self.ignore_index, labels.new_tensor(self.ignore_index), binary)
+        return cv.normalize(self.binary.render(binary, self.ignore_index), norm)
+
+    def build_canvases(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
+        """(B, 3, side, side) training canvases from ``batch`` (see the module docstring)."""
+        images = batch["image"]
+        b = images.shape[0]
+        cells = cv.resize_images(images, self.cell)
+        labels = batch.get("mask")
+        if labels is not None:
+            labels = cv.resize_labels(labels.long(), self.cell)
+        partner = torch.roll(torch.arange(b, device=images.device), -1)
+        task_ids = torch.randint(len(self.tasks), (b,), generator=generator).to(images.device)
+        fg = None
+        if labels is not None:
+            fg = foreground_of(labels, self.ignore_index, generator)
+            if "foreground" in self.tasks:
+                is_fg = task_ids == self.tasks.index("foreground")
+                partner = torch.where(is_fg, partners_holding(labels, fg, generator), partner)
+        outputs = torch.empty_like(cells)
+        partner_outputs = torch.empty_like(cells)
+        for i, task in enumerate(self.tasks):
+            rows = (task_ids == i).nonzero()[:, 0]
+            if not len(rows):
+                continue
+            sel_labels = labels[rows] if labels is not None else None
+            pl = labels[partner[rows]] if labels is not None else None
+            f = fg[rows] if fg is not None else None
+            outputs[rows] = self.render_outputs(task, cells[rows], sel_labels, f)
+            partner_outputs[rows] = self.render_outputs(task, cells[partner[rows]], pl, f)
+        quadrants = {
+            "support_image": cells,
+            "support_output": outputs,
+            "query_image": cells[partner],
+            "answer": partner_outputs,
+        }
+        return cv.stitch(quadrants, self.side, self.separator, cv.separator_value(self.normalization))
+
+    # ------------------------------------------------------------------ model
+
+    def paint(self, canvases: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Predicted canvases (B, 3, side, side) for ``canvases`` with patches ``mask`` (B, L) hidden."""
+        keep = ids_keep(mask)
+        pred = self.decoder(self.encoder.forward_visible(canvases, keep), keep)
+        return unpatchify(pred, self.patch_size, self.encoder.grid_size)
+
+    def forward(self, batch: dict, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Paint the masked patches of canvases stitched from ``batch``.
+
+        Args:
+            batch: ``image`` (B, 3, side, side) and, for the mask-based tasks, ``mask`` (B, side, side).
+            mask: optional (B, L) bool, True = masked; from the mask generator when not given.
+
+        Returns:
+            ``loss`` (scalar), ``canvas`` (B, 3, side, side), ``pred`` (B, L, p*p*3) (zeros at
+            visible patches) and ``patch_mask`` (B, L).
+        """
+        canvases = self.build_canvases(batch)
+        if mask is None:
+            mask = self.draw_mask(canvases.shape[0], canvases.device)
+        keep = ids_keep(mask)
+        features = self.decoder.forward_features(self.encoder.forward_visible(canvases, keep), keep)
+        pred = self.decoder.head(features, mask)  # (B, M, p*p*3), masked patches only
+        target = select_patches(patchify(canvases, self.patch_size), mask)
+        loss = F.smooth_l1_loss(pred.float(), target.float(), beta=self.smooth_l1_beta)
+        full = torch.zeros(*mask.shape, pred.shape[-1], dtype=pred.dtype, device=pred.device)
+        full[mask] = pred.detach().reshape(-1, pred.shape[-1])
+        return {"loss": loss, "canvas": canvases, "pred": full, "patch_mask": mask}

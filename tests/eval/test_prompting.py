@@ -1,0 +1,121 @@
+"""Visual prompting: an oracle that copies the support label scores 100% on identical support and
+query; norm-pix models are refused naming the recipe key; the result's JSON fields; the CLI end to end."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from mimkit.data.transforms import Normalization
+from mimkit.eval.prompting import evaluate_prompting, prompt_segmentation
+from mimkit.models import create_backbone
+from mimkit.ssl import build_method
+from mimkit.ssl import canvas as cv
+from mimkit.train import load_recipe
+from tests.helpers import REPO
+
+SOURCE = "synthetic:textures?size=48&train=24&val=12&seed=0&segmentation=1"
+TINY_OVERRIDES = (
+    "method.backbone.img_size=32",
+    "method.backbone.depth=1",
+    "method.decoder_depth=1",
+    "method.decoder_dim=32",
+)
+
+
+class CopySupportLabel(nn.Module):
+    """An oracle: paints the answer cell with the support's output cell."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = create_backbone("vit_tiny_patch16", img_size=32, patch_size=8, depth=1).eval()
+        self.separator = 1
+
+    def paint(self, canvases, mask):
+        out = canvases.clone()
+        support = cv.crop_cell(canvases, "support_output", self.separator)
+        cv.crop_cell(out, "answer", self.separator).copy_(support)
+        return out
+
+
+def _run_dir(tmp_path: Path, recipe: str, *overrides: str, weights: bool = True) -> Path:
+    run = tmp_path / Path(recipe).stem
+    run.mkdir()
+    r = load_recipe(REPO / recipe, list(overrides), check_data=False)
+    (run / "recipe.yaml").write_text(r.dump())
+    if weights:
+        torch.manual_seed(0)
+        save_file(build_method(r.method.to_dict()).state_dict(), str(run / "model.safetensors"))
+    return run
+
+
+def test_oracle_copying_the_support_scores_100_on_identical_support_and_query():
+    cell = cv.cell_size(32, 1)
+    res = evaluate_prompting(
+        CopySupportLabel(), Normalization(), SOURCE, pool_split="val", pool_size=None,
+        selection="nearest", label_size=cell, progress=False,
+    )  # fmt: skip
+    assert res["results"]["fg"]["fg_iou"] == pytest.approx(100.0)
+    assert res["results"]["fg"]["fg_iou_pooled"] == pytest.approx(100.0)
+    assert res["results"]["semantic"]["miou"] == pytest.approx(100.0)
+    assert res["results"]["semantic"]["pixel_acc"] == pytest.approx(100.0)
+    # with other images as supports the copy is wrong
+    other = evaluate_prompting(CopySupportLabel(), Normalization(), SOURCE, label_size=cell, progress=False)
+    assert other["results"]["semantic"]["miou"] < 90.0
+
+
+def test_norm_pix_model_is_refused_naming_the_recipe_key(tmp_path):
+    run = _run_dir(tmp_path, "recipes/demo/mae_vit_tiny.yaml", weights=False)  # no weights: refused first
+    with pytest.raises(ValueError, match=r"method\.norm_pix_loss=false"):
+        prompt_segmentation(run, SOURCE, progress=False)
+
+
+def test_result_fields_and_random_init(tmp_path):
+    run = _run_dir(tmp_path, "recipes/demo/mae_rawpix_vit_tiny.yaml", *TINY_OVERRIDES)
+    res = prompt_segmentation(run, SOURCE, shots=2, seeds=(0, 1), num_queries=6, progress=False)
+    assert res["tool"] == "prompt" and res["settings"]["method"] == "mae"
+    assert res["settings"]["canvas"] == {"side": 32, "cell": 15, "separator": 2, "layout": list(cv.QUADRANTS)}
+    assert res["data"]["num_queries"] == 6 and res["data"]["num_classes"] == 4
+    fg, sem = res["results"]["fg"], res["results"]["semantic"]
+    assert {
+        "fg_iou",
+        "fg_iou_std",
+        "fg_iou_pooled",
+        "binary_miou",
+        "fg_iou_all_foreground",
+        "per_seed",
+    } <= fg.keys()
+    assert {"miou", "pixel_acc", "per_seed"} <= sem.keys() and len(sem["per_seed"]) == 2
+    assert 0.0 <= fg["fg_iou"] <= 100.0
+    floor = prompt_segmentation(run, SOURCE, random_init=True, num_queries=6, progress=False)
+    assert floor["encoder"]["random_init"] is True
+
+
+def test_cli_end_to_end_on_tiny_data(tmp_path, capsys):
+    from mimkit.cli.main import main
+
+    run = _run_dir(tmp_path, "recipes/demo/painter_vit_tiny.yaml", *TINY_OVERRIDES)
+    out_json, out_png = tmp_path / "prompt.json", tmp_path / "prompt.png"
+    code = main(
+        ["prompt", "--run", str(run), "--train", SOURCE, "--vs-random", "--shots", "2",
+         "--selection", "nearest", "--num-queries", "8", "--json", str(out_json), "--png", str(out_png),
+         "--no-progress", "--device", "cpu"]
+    )  # fmt: skip
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "random init" in printed and "fg fg_iou" in printed
+    res = json.loads(out_json.read_text())
+    assert res["settings"]["method"] == "painter" and "random_init" in res
+    assert res["examples_png"] == str(out_png) and out_png.stat().st_size > 0
+
+
+def test_cli_refuses_norm_pix_run(tmp_path, capsys):
+    from mimkit.cli.prompt import main
+
+    run = _run_dir(tmp_path, "recipes/demo/mae_vit_tiny.yaml", weights=False)
+    with pytest.raises(SystemExit):
+        main(["--run", str(run), "--train", SOURCE])
+    assert "method.norm_pix_loss=false" in capsys.readouterr().err

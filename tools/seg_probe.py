@@ -1,0 +1,16 @@
+"""Linear segmentation probe of a frozen encoder: ``python tools/seg_probe.py --encoder ... --train ...``.
+
+A thin wrapper: the arguments, examples and ``main`` live in :mod:`mimkit.cli.seg_probe`, which
+``mimkit seg-probe ...`` runs where mimkit is installed; this file runs it from a checkout without
+installing.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from mimkit.cli.seg_probe import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())
