@@ -3,6 +3,7 @@ the summary reads every file it writes, so the script a GPU window depends on ca
 
 import json
 import subprocess
+import sys
 
 import pytest
 
@@ -17,8 +18,9 @@ STEPS = ["machine", "tests", "peak", "step_vitb", "step_vitb_compile", "memory_v
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu")
+    env = subprocess_env() | {"PYTHON": sys.executable}  # this interpreter, whatever venv runs the suite
     proc = subprocess.run(["bash", str(SCRIPT), "--dry-run", "--out", str(out)], capture_output=True,
-                          text=True, env=subprocess_env(), timeout=900)  # fmt: skip
+                          text=True, env=env, timeout=900)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     return out, proc
 

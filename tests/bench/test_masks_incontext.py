@@ -20,14 +20,14 @@ def _args(module, argv: list[str]) -> argparse.Namespace:
 
 
 def test_masks_every_type_and_colour(capsys):
-    res = masks.run(_args(masks, ["--batch", "8", "--grid", "6", "7", "--repeat", "2", "--ratio", "0.5"]))
+    res = masks.run(_args(masks, ["--batch", "8", "--grid", "6", "8", "--repeat", "2", "--ratio", "0.5"]))
     res = json.loads(json.dumps(res))  # JSON-ready
     names = [r["type"] for r in res["results"]]
     expected = [t for t in list_masks() if t != "colornoise"] + [f"colornoise:{c}" for c in COLORS]
     assert sorted(names) == sorted(expected) and "random" in names and "block" in names
     for r in res["results"]:
-        assert r["batch"] == 8 and r["grid"] == [6, 7] and r["ratio"] == 0.5
-        assert r["masked_per_sample"] == num_masked(42, 0.5)
+        assert r["batch"] == 8 and r["grid"] == [6, 8] and r["ratio"] == 0.5
+        assert r["masked_per_sample"] == num_masked(48, 0.5)
         assert 0 < r["min_ms"] <= r["median_ms"] and r["setup_ms"] > 0
         assert r["masks_per_s"] == pytest.approx(8 / (r["median_ms"] / 1e3))
     assert res["options"]["batch"] == 8 and res["machine"]["torch_threads"] >= 1

@@ -200,25 +200,3 @@ def test_a_token_cache_serves_the_token_free_features_too(export, tmp_path, monk
     assert "patch_tokens" not in plain
     torch.testing.assert_close(plain["cls"], with_tokens["cls"])
     assert torch.equal(features_module.split_labels(model, uri, "val", cached), with_tokens["label"])
-
-
-def test_extract_benchmark_sets_extraction_against_the_forward_pass(export, tmp_path):
-    import argparse
-
-    from benchmarks import extract
-
-    path, _ = export
-    parser = argparse.ArgumentParser()
-    extract.add_args(parser)
-    args = parser.parse_args(
-        ["--encoder", str(path), "--images", "12", "--batch-size", "6", "--workers", "0", "--repeat", "1",
-         "--sources", "synthetic:shapes", "folder"]
-    )  # fmt: skip
-    out = extract.run(args)
-    rows = out["results"]
-    assert [(r["source"].split(" ")[0], r["loader"]) for r in rows] == [
-        ("synthetic:shapes", "prefetch thread"), ("synthetic:shapes", "before: calling thread, with masks"),
-        ("folder", "prefetch thread"), ("folder", "before: calling thread, with masks"),
-    ]  # fmt: skip
-    assert all(r["extract_images_per_s"] > 0 and r["of_forward"] > 0 for r in rows)
-    assert out["options"]["img_size"] == 32
