@@ -4,7 +4,7 @@
 
     mimkit attentive-probe --encoder export/ --train folder:/data/imagenet
     mimkit attentive-probe --encoder runs/demo --train "synthetic:textures?train=4096&val=1024" \\
-        --cached --batch-size 256 --epochs 30 --vs-random
+        --cached --batch-size 256 --vs-random
 
 V-JEPA's probe (Bardes et al. 2024): LayerNorm on the last block's final-normed patch tokens, one
 cross-attention block from a learned query (the encoder's number of heads, MLP ratio 4), a linear
@@ -13,7 +13,9 @@ clipped at 1.0, 20 epochs of batch 1024. Training images get RandomResizedCrop +
 forward pass per batch; --cached instead trains on the token maps of centre crops extracted once
 (held in memory: the size is printed first, and a run that would not fit is refused before any
 forward pass). --vs-random also probes a random init of the same shape and prints both. The
-reported top-1 is the last epoch's on the val split of --val (default --train's).
+reported top-1 is the last epoch's on the val split of --val (default --train's). Batch 1024 is
+25,000 steps over ImageNet but 80 over 4096 images: on a few thousand images pass --batch-size
+256 or smaller (on synthetic:textures it took the demo encoder from 63.8% to 80.9%).
 """
 
 from __future__ import annotations
