@@ -20,22 +20,34 @@ Reading is a webdataset pipeline, built afresh for each iteration: the shard lis
 and DataLoader workers; each shard's members grouped into samples by webdataset's tar reader, one
 shard at a time, keeping whole samples only; a shuffle buffer of ``shuffle`` samples (0: off);
 decoding; the transform; this worker's quota. Ranks come from :meth:`WebDatasetSource.configure`
-or, without it, ``torch.distributed``. Two modes:
+or, without it, ``torch.distributed``. Each worker reads one stream, a function of
+``(seed, epoch, rank, stream)`` alone. Two modes:
 
 - **one pass** (``resample=0``): a :class:`~webdataset.SimpleShardList` shuffled from
   ``(seed, epoch)`` (the same order on every rank); rank ``r`` of ``w`` takes every ``w``-th shard,
-  worker ``k`` of ``n`` every ``n``-th of those, so every sample is read exactly once per epoch
+  stream ``k`` of ``n`` every ``n``-th of those, so every sample is read exactly once per epoch
   over all ranks and workers;
-- **resampled** (``resample=1``): each worker draws shards with replacement from a
-  :class:`~webdataset.ResampledShards` seeded by ``(seed, epoch, start, rank, worker)``, forever,
-  or until it has produced its share of ``configure(samples=...)``; the trainer uses this mode so
-  every rank sees exactly ``steps_per_epoch x global_batch / world_size`` samples per epoch, and a
-  resumed run (``start`` > 0) continues from a new, seeded position rather than repeating the
-  epoch's start.
+- **resampled** (``resample=1``): each stream draws shards with replacement from a
+  :class:`~webdataset.ResampledShards` seeded by ``(seed, epoch, rank, stream)``, forever, or until
+  its worker has produced its share of ``configure(samples=...)``; the trainer uses this mode so
+  every rank sees exactly ``steps_per_epoch x global_batch / world_size`` samples per epoch.
 
-The shuffle buffer and each sample's augmentation draw from their own generators seeded the same
-way, so a stream is reproducible from its position. A sample is ``{"image", "label", "mask"}`` as
-from every other source (see :mod:`mimkit.data.sample`).
+A resumed iteration (``configure(start=...)``: the samples this rank has already read this epoch)
+continues each stream where the uninterrupted iteration would be. Batches are dealt to workers round
+robin, so after ``c`` batches worker ``k`` continues stream ``(c + k) mod n`` at that stream's share
+of the ``c`` batches. The stream fast-forwards without decoding: shards wholly before the position
+are passed over by their index counts, unopened, and the samples before it in the next shard are
+read but not decoded. Without a shuffle buffer the resumed samples are the uninterrupted ones,
+augmentations included (with the same numbers of ranks and workers). With one, the buffer refills
+from the position: at most ``shuffle`` samples from before it, still waiting in the uninterrupted
+stream's buffer, are missed, and as many it had already drawn from after it are seen again. The
+position counts samples as the index does, so bad data before it (a shard short of its count, an
+image that does not decode) makes the resumed stream repeat as many samples as it lost.
+
+The shuffle buffer draws from a generator seeded by the stream and its position, and each sample's
+augmentation from a seed of the stream and the sample's place in it, so a stream is reproducible
+from its position and a sample looks the same whether or not the run was resumed. A sample is
+``{"image", "label", "mask"}`` as from every other source (see :mod:`mimkit.data.sample`).
 
 Bad data never stops the stream: a missing or unreachable shard, a shard cut short (inside a
 member, inside a header or between samples), a sample missing a member, and an image that fails
@@ -269,8 +281,9 @@ def _mix(*parts: int) -> int:
     return h >> 1
 
 
-# The generators a worker's stream draws from, each seeded by the stream position and its own tag.
+# The generators a worker's stream draws from, each seeded by the stream and its own tag.
 _SHARDS, _BUFFER, _AUGMENT = 0, 1, 2
+_POSITION = "__position__"  # a raw sample's place in its stream, for its augmentation seed
 
 
 def _no_worker_seed() -> int:
@@ -283,6 +296,13 @@ def _every_nth(src: Iterable, offset: int, step: int) -> Iterator:
 
 
 every_nth = wds.pipelinefilter(_every_nth)
+
+
+def _numbered(samples: Iterable[dict[str, Any]], first: int) -> Iterator[dict[str, Any]]:
+    """Each raw sample tagged with its place in the stream, which the shuffle buffer then hides."""
+    for position, sample in enumerate(samples, first):
+        sample[_POSITION] = position
+        yield sample
 
 
 _PROCESS_EXIT = re.compile(r"^\(\(\[?'([^' ]+).*: exit (\d+) \(read\)")
@@ -386,9 +406,10 @@ class WebDatasetSource(IterableDataset):
     ) -> WebDatasetSource:
         """Set the stream position and split for the next iteration; ``None`` keeps a value.
 
-        ``epoch`` and ``start`` (a step or any resume position) seed the stream; ``samples`` caps
-        this rank's samples per iteration, split over workers in whole ``batch``-sized groups so
-        that a DataLoader with ``batch_size=batch`` sees only full batches.
+        ``epoch`` seeds the stream; ``start`` is this rank's position in it, the samples it has
+        already read this epoch (in whole batches), from which a resumed iteration continues;
+        ``samples`` caps this rank's samples per iteration, split over workers in whole
+        ``batch``-sized groups so that a DataLoader with ``batch_size=batch`` sees only full batches.
         """
         for name, value in dict(
             epoch=epoch, start=start, rank=rank, world_size=world_size, seed=seed
@@ -422,16 +443,26 @@ class WebDatasetSource(IterableDataset):
         batches = self.samples // self.batch
         return len(range(worker, batches, workers)) * self.batch
 
-    def _shard_list(self, rank: int, world: int, worker: int, workers: int) -> list:
-        """The pipeline's first stages: which shards this worker reads, in which order."""
+    def _resume_point(self, worker: int, workers: int) -> tuple[int, int]:
+        """(stream, position in it) where this worker continues after ``start`` samples of the rank.
+
+        The DataLoader deals batches round robin, so batch ``c``, the first one of a resumed
+        iteration, is the next one of stream ``c mod n``; each stream has had its share of ``c``.
+        """
+        done = self.start // self.batch
+        stream = (done + worker) % workers
+        return stream, len(range(stream, done, workers)) * self.batch
+
+    def _shard_list(self, rank: int, world: int, stream: int, streams: int) -> list:
+        """The pipeline's first stages: which shards a stream reads, in which order."""
         urls = [s.url for s in self.shards]
         if self.resample:
-            seed = _mix(self.seed, self.epoch, self.start, rank, worker, _SHARDS)
+            seed = _mix(self.seed, self.epoch, rank, stream, _SHARDS)
             return [wds.ResampledShards(urls, seed=seed, worker_seed=_no_worker_seed, deterministic=True)]
         # one order for every rank, from (seed, epoch) alone, so the ranks' slices partition it
         order_seed = _mix(self.seed, self.epoch) if self.shuffle else None
         shard_list = wds.SimpleShardList(urls, seed=order_seed)
-        return [shard_list, every_nth(rank, world), every_nth(worker, workers)]
+        return [shard_list, every_nth(rank, world), every_nth(stream, streams)]
 
     def _is_whole(self, sample: dict[str, Any]) -> bool:
         """Whether a sample has every member: a cut shard leaves part of one, which collate fails on."""
@@ -440,12 +471,22 @@ class WebDatasetSource(IterableDataset):
         has_image = any(k in sample for k in IMAGE_MEMBERS)
         return has_image and ("cls" in sample or not self.class_names)
 
-    def _whole_samples(self, sources: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        """The whole samples of each shard in turn; a resampled set with nothing readable raises."""
+    def _whole_samples(self, sources: Iterable[dict[str, Any]], skip: int = 0) -> Iterator[dict[str, Any]]:
+        """The whole samples of each shard in turn, past the first ``skip``; a resampled set with
+        nothing readable raises.
+
+        A shard the index counts within ``skip`` is passed over unopened: fast-forwarding a
+        resumed stream then costs nothing per skipped shard. An empty or uncounted one is read,
+        so that an unreadable set still stops.
+        """
         empty_draws = 0
         for source in sources:
             shard = self._by_url.get(source["url"], Shard(source["url"], None))
-            whole = yield from self._read_shard(shard)
+            if shard.samples and shard.samples <= skip:
+                skip -= shard.samples
+                continue
+            whole = yield from self._read_shard(shard, skip)
+            skip = max(skip - whole, 0)
             empty_draws = 0 if whole else empty_draws + 1
             if self.resample and empty_draws > MAX_EMPTY_DRAWS_PER_SHARD * len(self.shards):
                 raise RuntimeError(
@@ -453,12 +494,13 @@ class WebDatasetSource(IterableDataset):
                     "see the BadSampleWarning lines above"
                 )
 
-    def _read_shard(self, shard: Shard) -> Iterator[dict[str, Any]]:
+    def _read_shard(self, shard: Shard, skip: int = 0) -> Iterator[dict[str, Any]]:
         """One shard through webdataset's tar reader (one shard at a time, so no sample spans two).
 
         The reader's handler notes the first error and lets it read on; a sample the damage left
-        without some member is dropped here. The loss is counted once the shard is done (not when
-        a quota ends the reading mid-shard). Returns the number of whole samples.
+        without some member is dropped here, and so are the first ``skip`` whole ones, before
+        anything decodes them. The loss is counted once the shard is done (not when a quota ends
+        the reading mid-shard). Returns the number of whole samples, skipped ones included.
         """
         errors: list[Exception] = []
 
@@ -470,11 +512,12 @@ class WebDatasetSource(IterableDataset):
         whole = partial = 0
         try:
             for sample in wds.tarfile_samples([source], handler=note_and_continue):
-                if self._is_whole(sample):
-                    whole += 1
-                    yield sample
-                else:
+                if not self._is_whole(sample):
                     partial += 1
+                    continue
+                whole += 1
+                if whole > skip:
+                    yield sample
         except BaseException:  # stopped early (a quota reached): the reader's exit status means nothing
             close_stream(source)
             raise
@@ -523,7 +566,7 @@ class WebDatasetSource(IterableDataset):
             mask = _decode_mask(raw["seg.png"]) if "seg.png" in raw else None
         except Exception as err:  # PIL raises OSError, SyntaxError, ValueError... depending on the codec
             raise UndecodableSample(name, err) from err
-        return {"image": image, "label": label, "mask": mask}
+        return {"image": image, "label": label, "mask": mask, "position": raw[_POSITION]}
 
     def _skip_undecodable(self, exn: Exception) -> bool:
         """webdataset's handler for the decoding stage: count, warn and go on; anything else is a bug."""
@@ -532,10 +575,10 @@ class WebDatasetSource(IterableDataset):
             return True
         raise exn
 
-    def _transformed(self, decoded: Iterable[dict[str, Any]], rng: random.Random) -> Iterator[dict]:
-        """Each decoded sample under its own seed, counted as delivered."""
+    def _transformed(self, decoded: Iterable[dict[str, Any]], stream_seed: int) -> Iterator[dict]:
+        """Each decoded sample under a seed of its place in the stream, counted as delivered."""
         for d in decoded:
-            seed = rng.getrandbits(63)
+            seed = _mix(stream_seed, d["position"])
             parts = {"label": d["label"], "mask": d["mask"]}
             if self.transform is None:
                 sample = make_sample(d["image"], **parts)
@@ -550,16 +593,20 @@ class WebDatasetSource(IterableDataset):
     def pipeline(self) -> wds.DataPipeline:
         """The webdataset pipeline of one iteration at the configured position, in this process."""
         rank, world, worker, workers = self._place()
-        position = (self.seed, self.epoch, self.start, rank, worker)
-        stages = [*self._shard_list(rank, world, worker, workers), self._whole_samples]
+        stream, position = self._resume_point(worker, workers)
+        key = (self.seed, self.epoch, rank, stream)
+        stages = [
+            *self._shard_list(rank, world, stream, workers),
+            functools.partial(self._whole_samples, skip=position),
+            functools.partial(_numbered, first=position),
+        ]
         if self.shuffle:
-            rng = random.Random(_mix(*position, _BUFFER))
+            rng = random.Random(_mix(*key, _BUFFER, position))
             # filled before the first draw: a half-full buffer would start each epoch less mixed
             stages.append(wds.shuffle(self.shuffle, initial=self.shuffle, rng=rng))
-        augment = random.Random(_mix(*position, _AUGMENT))
         stages += [
             wds.map(self._decode, handler=self._skip_undecodable),
-            functools.partial(self._transformed, rng=augment),
+            functools.partial(self._transformed, stream_seed=_mix(*key, _AUGMENT)),
         ]
         quota = self._quota(worker, workers)
         if quota is not None:

@@ -14,7 +14,8 @@ bad on this rank, for sources that keep them (a map-style source through a
 data the same way whatever the source.
 
 An iterable source (``wds:`` shards) has no indices to permute: :func:`build_stream_loader` reads a
-resampled stream instead, exactly as many samples per rank and epoch, seeded per position (see
+resampled stream instead, exactly as many samples per rank and epoch, seeded per epoch, rank and
+worker; resuming at step ``s`` fast-forwards it to the samples step ``s`` would have read (see
 :class:`StreamSchedule`).
 """
 
@@ -140,8 +141,9 @@ class StreamSchedule:
     """The epoch bookkeeping of an iterable source (``wds:``), in place of a sampler.
 
     Each epoch every rank reads exactly ``steps_per_epoch * global_batch / world_size`` samples
-    from a resampled stream whose position is seeded by ``(seed, epoch, start_step, rank, worker)``:
-    a run resumed mid-epoch continues from a new position instead of replaying the epoch's start.
+    from a resampled stream seeded by ``(seed, epoch, rank, worker)``. A run resumed mid-epoch
+    continues that stream past the samples its steps already read, skipping them undecoded; only
+    the source's shuffle buffer makes the position inexact (see :mod:`mimkit.data.wds`).
     """
 
     def __init__(self, dataset, length: int, global_batch: int, micro_batch: int, rank: int, world_size: int):
@@ -153,14 +155,14 @@ class StreamSchedule:
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         """Visit epoch ``epoch`` from optimizer step ``start_step`` of it."""
         self.epoch, self.start_step = epoch, start_step
-        remaining = (self.steps_per_epoch - start_step) * self.global_batch // self.world_size
+        per_step = self.global_batch // self.world_size
         self.dataset.configure(
             epoch=epoch,
-            start=start_step,
+            start=start_step * per_step,
             rank=self.rank,
             world_size=self.world_size,
             resample=True,
-            samples=remaining,
+            samples=(self.steps_per_epoch - start_step) * per_step,
             batch=self.micro_batch,
         )
 

@@ -148,7 +148,7 @@ def test_stream_is_seeded_by_its_position(shard_dir):
         return [_key(s) for s in _read(ds, workers)]
 
     assert stream(start=0) == stream(start=0)
-    assert stream(start=0) != stream(start=5)  # a resumed position is a new stream, not the epoch's start
+    assert stream(start=0) != stream(start=5)  # a resumed stream goes on from its position
     assert stream(start=0, epoch=1) != stream(start=0, epoch=0)
     assert stream(2, start=3) == stream(2, start=3)  # each worker's stream is seeded too
     assert stream(2, start=3, rank=1, world_size=2) != stream(2, start=3, rank=0, world_size=2)

@@ -87,7 +87,7 @@ def test_bad_samples_are_skipped_counted_and_logged(recipe, tmp_path):
     bad = [m["bad_samples"] for m in metrics]
     assert bad == sorted(bad)  # a running count
 
-    # resuming (max_steps raised past the finished run) continues from a new seeded position
+    # resuming (max_steps raised past the finished run) goes on into the next epoch's stream
     proc = _run([sys.executable, str(TOOL), str(recipe), f"run.dir={run}", "train.max_steps=8"])
     assert "resumed at step 6" in proc.stdout
     assert [m["step"] for m in _metrics(run)] == list(range(1, 9))
