@@ -30,6 +30,10 @@ setup(
         "pillow>=9",
         "matplotlib>=3.7",
     ],
-    extras_require={"dev": ["pytest>=8", "ruff>=0.6"]},
+    extras_require={
+        "tensorboard": ["tensorboard>=2.14"],  # run.loggers: [tensorboard]
+        "wandb": ["wandb>=0.17"],  # run.loggers: [wandb]
+        "dev": ["pytest>=8", "ruff>=0.6", "tensorboard>=2.14", "wandb>=0.17"],
+    },
     entry_points={"console_scripts": ["mimkit=mimkit.cli.main:main"]},
 )

@@ -147,6 +147,8 @@ def train_images_per_s(
             f"run.log_every={log_every}",
             "run.checkpoint_every=0",  # one checkpoint, after the last logged step
             "run.progress=false",
+            "run.monitor=null",  # the training loop's rate, without the demos' monitor and pictures
+            "run.images_every=0",
         ]
         recipe = load_recipe(recipe_path, [*overrides, *ours])
         t0 = time.perf_counter()

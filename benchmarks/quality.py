@@ -301,6 +301,8 @@ def train_trainer_path(recipe, seed: int, steps: int, progress: bool = True) -> 
         raw = recipe.to_dict()
         raw["train"]["max_steps"] = steps
         raw["run"].update(seed=seed, dir=str(Path(tmp) / "run"), progress=progress, checkpoint_every=0)
+        # the plain loop has no monitor or pictures: equal work and equal random streams
+        raw["run"].update(monitor=None, images_every=0, loggers=[])
         with contextlib.redirect_stdout(io.StringIO()):  # the run's summary; the table is ours
             result = pretrain(from_dict(raw, world_size=1))
         if result.steps != steps:

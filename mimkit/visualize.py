@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -52,13 +53,47 @@ def reconstruct(
     return {k: (v * std.view(shape) + mean.view(shape)).clamp(0, 1).cpu() for k, v in pictures.items()}
 
 
-def save_recon_grid(pictures: dict[str, torch.Tensor], path: str | os.PathLike, scale: int = 2) -> Path:
-    """Write a PNG with one row per entry of :data:`RECON_ROWS` and one column per image."""
+def grid_picture(pictures: dict[str, torch.Tensor], scale: int = 2) -> torch.Tensor:
+    """One (C, H, W) picture: a row per entry of :data:`RECON_ROWS`, a column per image."""
     rows = torch.cat([pictures[k] for k in RECON_ROWS])
     grid = make_grid(rows, nrow=pictures["original"].shape[0], padding=2, pad_value=1.0)
     if scale > 1:
         grid = torch.nn.functional.interpolate(grid[None], scale_factor=scale, mode="nearest")[0]
+    return grid
+
+
+def save_recon_grid(pictures: dict[str, torch.Tensor], path: str | os.PathLike, scale: int = 2) -> Path:
+    """Write :func:`grid_picture` of ``pictures`` as a PNG."""
+    grid = grid_picture(pictures, scale)
     return atomic_write(path, lambda tmp: save_image(grid, tmp))
+
+
+def recon_images(source: str, img_size: int, norm, num: int) -> torch.Tensor:
+    """The first ``num`` images of ``source``'s val split (its train split where it has no val).
+
+    Under the evaluation transform (resize, centre crop, ``norm``), so they are the same images
+    every time: the pictures of one run, and of several, can be laid side by side.
+    """
+    from itertools import islice
+
+    from torch.utils.data import IterableDataset
+
+    from mimkit.data import build_source, build_transform
+
+    transform = build_transform("eval", img_size, norm)
+    try:
+        dataset = build_source(source, split="val", transform=transform)
+        if not isinstance(dataset, IterableDataset) and len(dataset) == 0:
+            raise ValueError("empty val split")
+    except (ValueError, OSError):
+        dataset = build_source(source, split="train", transform=transform)
+    if isinstance(dataset, IterableDataset):
+        samples = list(islice(iter(dataset), num))
+    else:
+        samples = [dataset[i] for i in range(min(num, len(dataset)))]
+    if not samples:
+        raise ValueError(f"{source} holds no images to reconstruct")
+    return torch.stack([s["image"] for s in samples])
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
@@ -72,35 +107,63 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
     return records
 
 
-def plot_curves(metrics_path: str | os.PathLike, path: str | os.PathLike) -> Path:
-    """Plot every numeric metric against the step, one panel each, into a PNG."""
+def _numeric(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def plot_curves(
+    metrics_paths: str | os.PathLike | Sequence[str | os.PathLike],
+    path: str | os.PathLike,
+    labels: Sequence[str] | None = None,
+) -> Path:
+    """Plot every numeric metric against the step, one panel each, into a PNG.
+
+    Several ``metrics.jsonl`` files overlay their runs, one line (and legend entry, ``labels`` or
+    the run directory's name) each, in the panels of every metric any of them logged.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [r for r in read_metrics(metrics_path) if "step" in r]
-    if not records:
-        raise ValueError(f"{metrics_path} holds no step records to plot")
+    paths = [metrics_paths] if isinstance(metrics_paths, (str, os.PathLike)) else list(metrics_paths)
+    labels = list(labels) if labels is not None else [Path(p).parent.name or str(p) for p in paths]
+    if len(labels) != len(paths):
+        raise ValueError(f"{len(labels)} labels for {len(paths)} runs")
+    runs = []
+    for metrics_path in paths:
+        records = [r for r in read_metrics(metrics_path) if "step" in r]
+        if not records:
+            raise ValueError(f"{metrics_path} holds no step records to plot")
+        runs.append(records)
     keys = sorted(
         {
             k
+            for records in runs
             for r in records
             for k, v in r.items()
-            if isinstance(v, (int, float)) and k not in ("step", "epoch")
+            if _numeric(v) and k not in ("step", "epoch")
         }
     )
     cols = min(3, len(keys))
     rows = math.ceil(len(keys) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows), squeeze=False)
     for ax, key in zip(axes.flat, keys):
-        points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
-        ax.plot([s for s, _ in points], [v for _, v in points], linewidth=1.2)
+        positive = True
+        for label, records in zip(labels, runs):
+            points = [(r["step"], r[key]) for r in records if _numeric(r.get(key))]
+            if not points:
+                continue
+            positive = positive and all(v > 0 for _, v in points)
+            marker = "o" if len(points) < 12 else None  # sparse records (evaluations, monitor) stay visible
+            ax.plot([s for s, _ in points], [v for _, v in points], linewidth=1.2, marker=marker, label=label)
         ax.set_title(key)
         ax.set_xlabel("step")
-        if key == "loss" and all(v > 0 for _, v in points):
+        if key == "loss" and positive:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
+        if len(runs) > 1:
+            ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(keys) :]:
         ax.axis("off")
     fig.tight_layout()

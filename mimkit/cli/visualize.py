@@ -1,12 +1,14 @@
 """Pictures of a pretraining run: ``mimkit visualize`` / ``python tools/visualize.py``.
 
     mimkit visualize recon RUN_DIR [--num 8] [--seed 0] [--out PATH]
-    mimkit visualize curves RUN_DIR [--out PATH]
+    mimkit visualize curves RUN_DIR [RUN_DIR ...] [--out PATH]
     mimkit visualize masks [--type colornoise --color green] [--ratio 0.75] [--out PATH]
 
 ``recon`` draws original / masked input / reconstruction / reconstruction pasted into the
 visible patches for validation images of the run's own data source; ``curves`` plots every
-metric of ``metrics.jsonl`` against the step. Both write a PNG into the run directory by default.
+metric of ``metrics.jsonl`` against the step, overlaying several runs when given several (one
+line each, named by the run directory). Both write a PNG into the run directory by default
+(``curves.png`` in the current directory for several runs).
 ``masks`` needs no run: it draws sample masks of every ColorMAE colour next to random and block
 masks (or of the one ``--type``/``--color`` chosen, next to those two) with their power
 spectra, into ``masks.png`` by default.
@@ -20,9 +22,15 @@ from pathlib import Path
 
 import torch
 
-from mimkit.data import build_source, build_transform
 from mimkit.ssl import masking
-from mimkit.visualize import default_mask_kinds, plot_curves, plot_masks, reconstruct, save_recon_grid
+from mimkit.visualize import (
+    default_mask_kinds,
+    plot_curves,
+    plot_masks,
+    recon_images,
+    reconstruct,
+    save_recon_grid,
+)
 
 
 def recon(run_dir: Path, num: int, seed: int, out: Path | None) -> Path:
@@ -32,8 +40,7 @@ def recon(run_dir: Path, num: int, seed: int, out: Path | None) -> Path:
     recipe = load_recipe(run_dir / "recipe.yaml", check_data=False)
     img_size = method.encoder.config["img_size"][0]
     norm = recipe.normalization  # the run's own (data.mean / std: auto were resolved into recipe.yaml)
-    val = build_source(recipe.data.source, split="val", transform=build_transform("eval", img_size, norm))
-    images = torch.stack([val[i]["image"] for i in range(min(num, len(val)))])
+    images = recon_images(recipe.data.source, img_size, norm, num)
     mean, std = torch.tensor(norm.mean), torch.tensor(norm.std)
     pictures = reconstruct(method, images, mean, std, seed=seed)
     return save_recon_grid(pictures, out or run_dir / "reconstructions.png")
@@ -60,7 +67,13 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("what", choices=["recon", "curves", "masks"])
-    parser.add_argument("run_dir", type=Path, nargs="?", help="run directory (recon, curves)")
+    parser.add_argument(
+        "run_dirs",
+        type=Path,
+        nargs="*",
+        metavar="RUN_DIR",
+        help="run directory; curves: one or more",
+    )
     parser.add_argument("--num", type=int, default=8, help="validation images to reconstruct / masks per row")
     parser.add_argument("--seed", type=int, default=0, help="seed of the masks drawn")
     parser.add_argument("--out", type=Path, default=None, help="PNG path (default: in RUN_DIR, or masks.png)")
@@ -70,7 +83,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser.add_argument("--grid", type=int, default=14, help="masks: patches per side")
     args = parser.parse_args(argv)
     if args.what == "masks":
-        if args.run_dir is not None:
+        if args.run_dirs:
             parser.error("masks takes no RUN_DIR")
         if args.type is not None and args.type not in masking.list_masks():
             parser.error(f"unknown mask type {args.type!r}; valid: {', '.join(masking.list_masks())}")
@@ -85,16 +98,34 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             parser.error(str(err))
         print(f"wrote {path}")
         return 0
-    if args.run_dir is None:
+    if not args.run_dirs:
         parser.error(f"{args.what} needs a RUN_DIR")
-    if not args.run_dir.is_dir():
-        parser.error(f"run directory {args.run_dir} does not exist")
+    if args.what == "recon" and len(args.run_dirs) > 1:
+        parser.error("recon draws one run; give one RUN_DIR")
+    for run_dir in args.run_dirs:
+        if not run_dir.is_dir():
+            parser.error(f"run directory {run_dir} does not exist")
     if args.what == "recon":
-        path = recon(args.run_dir, args.num, args.seed, args.out)
+        path = recon(args.run_dirs[0], args.num, args.seed, args.out)
     else:
-        path = plot_curves(args.run_dir / "metrics.jsonl", args.out or args.run_dir / "curves.png")
+        metrics = [run_dir / "metrics.jsonl" for run_dir in args.run_dirs]
+        for m in metrics:
+            if not m.is_file():
+                parser.error(f"{m} not found; is {m.parent} a run directory?")
+        default = args.run_dirs[0] / "curves.png" if len(metrics) == 1 else Path("curves.png")
+        labels = _labels(args.run_dirs)
+        try:
+            path = plot_curves(metrics, args.out or default, labels)
+        except ValueError as err:
+            parser.error(str(err))
     print(f"wrote {path}")
     return 0
+
+
+def _labels(run_dirs: list[Path]) -> list[str]:
+    """Each run's directory name, or its path where two runs share a name."""
+    names = [d.name for d in run_dirs]
+    return names if len(set(names)) == len(names) else [str(d) for d in run_dirs]
 
 
 if __name__ == "__main__":

@@ -169,6 +169,9 @@ class RunConfig:
     checkpoint_every: int
     keep_checkpoints: int
     progress: bool
+    loggers: list[str]  # beside metrics.jsonl, which is always written (mimkit.train.loggers)
+    monitor: dict | None  # the online k-NN monitor (mimkit.train.monitor); None: off
+    images_every: int  # steps between reconstruction pictures; 0: none
 
 
 @dataclass
@@ -491,6 +494,7 @@ def _check_values(r: Recipe, check_data: bool) -> None:
     )
     _require(run.keep_checkpoints >= 1, "run.keep_checkpoints", "a positive integer", run.keep_checkpoints)
     _require(bool(run.dir), "run.dir", "a directory path", run.dir)
+    _check_watching(r, check_data)
 
     _require(d.workers >= 0, "data.workers", "an integer >= 0", d.workers)
     _require(
@@ -530,6 +534,41 @@ def _check_values(r: Recipe, check_data: bool) -> None:
     for key in ("nan_at_step", "kill_after_step", "kill_in_save_at_step"):
         value = getattr(r.debug, key)
         _require(value is None or value >= 1, f"debug.{key}", "a step number >= 1 or null", value)
+
+
+def _check_watching(r: Recipe, check_packages: bool) -> None:
+    """``run.loggers`` (packages installed), ``run.monitor`` (defaults filled in), ``run.images_every``."""
+    from mimkit.data import SOURCE_SCHEMES
+    from mimkit.train.loggers import LOGGERS, MissingLoggerPackage, check_available
+    from mimkit.train.monitor import MONITOR_DEFAULTS
+
+    run = r.run
+    for name in run.loggers:
+        _require(name in LOGGERS, "run.loggers", f"a list of {', '.join(LOGGERS)}", run.loggers)
+    if check_packages:
+        try:
+            check_available(run.loggers)
+        except MissingLoggerPackage as err:
+            raise RecipeError(str(err)) from None
+    _require(run.images_every >= 0, "run.images_every", "steps >= 0 (0: no pictures)", run.images_every)
+    if run.monitor is None:
+        return
+    _no_unknown(run.monitor, list(MONITOR_DEFAULTS), "run.monitor.")
+    m = run.monitor = {**MONITOR_DEFAULTS, **run.monitor}
+    for key in ("every", "images", "queries", "k"):
+        ok = isinstance(m[key], int) and not isinstance(m[key], bool) and m[key] >= 1
+        _require(ok, f"run.monitor.{key}", "a positive integer", m[key])
+    _require(m["k"] <= m["images"], "run.monitor.k", f"at most run.monitor.images={m['images']}", m["k"])
+    if m["source"] is not None:
+        scheme = str(m["source"]).partition(":")[0]
+        _require(
+            scheme in SOURCE_SCHEMES and scheme != "wds",
+            "run.monitor.source",
+            "a labelled indexed source ("
+            + ", ".join(f"{s}:..." for s in SOURCE_SCHEMES if s != "wds")
+            + ") or null (data.source)",
+            m["source"],
+        )
 
 
 def _check_image_format(r: Recipe) -> None:

@@ -4,6 +4,8 @@
 
     RUN/recipe.yaml              the resolved recipe (defaults and overrides applied)
     RUN/metrics.jsonl            one JSON line per logged step (and per evaluation), appended and flushed
+    RUN/metrics.csv, tensorboard/, wandb/   the same records, where run.loggers asks (mimkit.train.loggers)
+    RUN/images/                  reconstructions during training (run.images_every, mimkit.train.monitor)
     RUN/checkpoints/             DeepSpeed checkpoints and ``latest`` (see mimkit.train.checkpoint)
     RUN/model.safetensors        the whole method, fp32, consolidated over ZeRO shards
     RUN/encoder.safetensors      the backbone alone, with encoder.json (mimkit.models.load_backbone)
@@ -49,11 +51,12 @@ from mimkit.train.distributed import Dist, barrier, import_deepspeed, init_distr
 from mimkit.train.evaluation import Best, Evaluator
 from mimkit.train.init_from import load_init
 from mimkit.train.loader import build_loader, build_stream_loader
+from mimkit.train.loggers import IMAGE_TAG, METRICS_FILE, RunLoggers
+from mimkit.train.monitor import KnnMonitor, Reconstructions
 from mimkit.train.optim import build_adamw
 from mimkit.train.schedule import warmup_cosine_lr
 
 RECIPE_FILE = "recipe.yaml"
-METRICS_FILE = "metrics.jsonl"
 MODEL_FILE = "model.safetensors"
 CHECKPOINTS = "checkpoints"
 BEST_DIR = "best"
@@ -89,6 +92,8 @@ class RunResult:
     checkpoint: Path
     best: dict[str, Any] | None = None  # eval.best_metric's best value, step and export directory
     evaluation: dict[str, float] | None = None  # the last evaluation of this call (eval.split)
+    monitor: dict[str, float] | None = None  # the last k-NN monitor values (run.monitor)
+    watch_seconds: float = 0.0  # spent on the k-NN monitor and reconstruction pictures in this call
 
 
 def deepspeed_config(recipe: Recipe) -> dict[str, Any]:
@@ -141,6 +146,8 @@ def pretrain(recipe: Recipe, task: str = "pretrain") -> RunResult:
     total_steps = recipe.train.epochs * steps_per_epoch
     last_step = min(total_steps, recipe.train.max_steps or total_steps)
     evaluator = Evaluator(recipe, dist) if recipe.eval.split else None
+    monitor = KnnMonitor(recipe) if recipe.run.monitor else None
+    pictures = Reconstructions(recipe, run_dir) if recipe.run.images_every else None
     resuming = checkpoint.latest_tag(ckpt_dir) is not None  # then the checkpoint holds the weights
     engine, optimizer = build_engine(recipe, dist, init_from=None if resuming else recipe.train.init_from)
     o = recipe.optim
@@ -155,7 +162,7 @@ def pretrain(recipe: Recipe, task: str = "pretrain") -> RunResult:
         _prepare_run_dir(recipe, run_dir, step if state else None)
     barrier()
 
-    log = _Log(run_dir / METRICS_FILE, dist.is_main)
+    log = RunLoggers(run_dir, recipe.run.loggers, recipe.to_dict(), step if state else None, dist.is_main)
     bar = tqdm(
         total=last_step,
         initial=step,
@@ -170,6 +177,16 @@ def pretrain(recipe: Recipe, task: str = "pretrain") -> RunResult:
     first_loss = final_loss = None
     window = _Window()
     resumed_from = step
+    last_monitor = None
+    if pictures is not None:  # before training: a method that paints no pixels fails here
+        _draw(pictures, engine.module, engine.device, input_dtype, step, log, dist, write=not state)
+    if monitor is not None and not state:  # the random init's value starts the curve
+        last_monitor = _watch(
+            monitor, engine.module.encoder, engine.device, input_dtype, step, steps_per_epoch
+        )
+        log.scalars(_with_time(last_monitor, start_time))
+        if dist.is_main:
+            bar.write(_monitor_line(last_monitor))
 
     epoch, in_epoch = divmod(step, steps_per_epoch)
     while step < last_step:
@@ -221,7 +238,7 @@ def pretrain(recipe: Recipe, task: str = "pretrain") -> RunResult:
                 if grad_norm is None and engine.get_global_grad_norm() is not None:
                     grad_norm = float(engine.get_global_grad_norm())
                 final_loss = window.loss_sum / window.count
-                log.write(
+                log.scalars(
                     {
                         "step": step,
                         "epoch": round(step / steps_per_epoch, 4),
@@ -232,6 +249,7 @@ def pretrain(recipe: Recipe, task: str = "pretrain") -> RunResult:
                         "skipped_steps": engine.skipped_steps,  # fp16 overflow steps, whole run
                         **_data_counts(sampler, dist, recipe.data.max_bad_fraction, step),
                         **window.extras(),
+                        **_device_memory(engine.device),
                         "time": round(time.time() - start_time, 2),
                     }
                 )
@@ -245,9 +263,18 @@ def pretrain(recipe: Recipe, task: str = "pretrain") -> RunResult:
                     ema_scores = evaluator(ema.module, engine.device, torch.float32)
                     last_scores.update({f"ema_{k}": v for k, v in ema_scores.items()})
                 improved = best is not None and best.update(last_scores, step)
-                log.write(_eval_record(last_scores, evaluator.split, step, steps_per_epoch, start_time))
+                log.scalars(_eval_record(last_scores, evaluator.split, step, steps_per_epoch, start_time))
                 if dist.is_main:
                     bar.write(_eval_line(last_scores, evaluator.split, step, steps_per_epoch, improved))
+            if monitor is not None and monitor.due(step, last_step):
+                last_monitor = _watch(
+                    monitor, engine.module.encoder, engine.device, input_dtype, step, steps_per_epoch
+                )
+                log.scalars(_with_time(last_monitor, start_time))
+                if dist.is_main:
+                    bar.write(_monitor_line(last_monitor))
+            if pictures is not None and pictures.due(step, last_step):
+                _draw(pictures, engine.module, engine.device, input_dtype, step, log, dist, write=True)
             every = recipe.run.checkpoint_every
             if step == last_step or (every and step % every == 0) or improved:
                 last_tag = _save(engine, ckpt_dir, step, steps_per_epoch, recipe, dist, best, ema)
@@ -257,6 +284,7 @@ def pretrain(recipe: Recipe, task: str = "pretrain") -> RunResult:
                 break
         epoch, in_epoch = epoch + 1, 0
     bar.close()
+    log.close()
 
     if last_tag != checkpoint.tag_for(step):  # resumed a run that had already finished
         last_tag = _save(engine, ckpt_dir, step, steps_per_epoch, recipe, dist, best, ema)
@@ -278,10 +306,44 @@ def pretrain(recipe: Recipe, task: str = "pretrain") -> RunResult:
         checkpoint=ckpt_dir / last_tag,
         best={**best.state(), "dir": best_dir} if best is not None and best_dir is not None else None,
         evaluation=last_scores,
+        monitor=last_monitor,
+        watch_seconds=(monitor.seconds if monitor else 0.0) + (pictures.seconds if pictures else 0.0),
     )
     if dist.is_main:
         print(summary(result, recipe, total_steps, task), flush=True)
     return result
+
+
+def _watch(monitor: KnnMonitor, encoder: nn.Module, device, dtype, step: int, steps_per_epoch: int) -> dict:
+    """A k-NN monitor record at ``step``."""
+    return {"step": step, "epoch": round(step / steps_per_epoch, 4), **monitor(encoder, device, dtype)}
+
+
+def _with_time(record: dict, start: float) -> dict:
+    return {**record, "time": round(time.time() - start, 2)}
+
+
+def _monitor_line(record: dict) -> str:
+    return (
+        f"[mimkit] step {record['step']} monitor: k-NN top-1 cls {record['monitor_knn_cls']:.1f}, "
+        f"patch mean {record['monitor_knn_patch_mean']:.1f} ({record['monitor_seconds']:.1f} s)"
+    )
+
+
+def _draw(
+    pictures: Reconstructions, module, device, dtype, step: int, log: RunLoggers, dist: Dist, write: bool
+):
+    """Reconstructions at ``step``: every rank runs the forward pass, rank 0 writes and logs them."""
+    grid = pictures(module, device, dtype, step, write=write and dist.is_main)
+    if write:
+        log.image(IMAGE_TAG, grid, step)
+
+
+def _device_memory(device: torch.device) -> dict[str, float]:
+    """The peak memory of the accelerator so far (GiB); nothing on the CPU."""
+    if device.type != "cuda":
+        return {}
+    return {"gpu_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 3)}
 
 
 def _best_tracker(recipe: Recipe, module: nn.Module, state: dict | None) -> Best | None:
@@ -622,18 +684,6 @@ class _Window:
         return {k: float(v) / self.count for k, v in self.scalars.items()}
 
 
-class _Log:
-    """``metrics.jsonl``, written by rank 0 only: one line per record, appended and flushed."""
-
-    def __init__(self, path: Path, active: bool):
-        self.path, self.active = path, active
-
-    def write(self, record: dict[str, Any]) -> None:
-        if self.active:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-
 def _prepare_run_dir(recipe: Recipe, run_dir: Path, resumed_step: int | None) -> None:
     """Write ``recipe.yaml``; on resume, warn about changed keys and drop metrics past the checkpoint."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -742,6 +792,14 @@ def summary(result: RunResult, recipe: Recipe, total_steps: int, task: str = "pr
         split = recipe.eval.split
         lines.append(
             f"  {split + ' (last)':<11} " + ", ".join(f"{k} {v:.4g}" for k, v in result.evaluation.items())
+        )
+    if result.monitor:
+        m = result.monitor
+        share = result.watch_seconds / max(result.wall_time, 1e-9)
+        lines.append(
+            f"  monitor     k-NN top-1 cls {m['monitor_knn_cls']:.1f}, patch mean "
+            f"{m['monitor_knn_patch_mean']:.1f} at step {m['step']}; monitor and pictures took "
+            f"{result.watch_seconds:.1f} s ({share:.1%} of the run)"
         )
     if result.best is not None:
         b = result.best

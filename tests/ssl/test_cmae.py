@@ -297,6 +297,8 @@ def test_demo_recipe_trains_through_the_pretrain_tool(tmp_path):
         "train.max_steps=3",
         "run.log_every=1",
         "run.progress=false",
+        "run.monitor=null",  # the demo's k-NN monitor and pictures are tested on their own
+        "run.images_every=0",
     ]
     # `python tools/pretrain.py RECIPE ...`, with "cmae" registered first in case mimkit.ssl does not
     # import it yet
