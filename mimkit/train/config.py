@@ -559,6 +559,11 @@ def _check_watching(r: Recipe, check_packages: bool) -> None:
         ok = isinstance(m[key], int) and not isinstance(m[key], bool) and m[key] >= 1
         _require(ok, f"run.monitor.{key}", "a positive integer", m[key])
     _require(m["k"] <= m["images"], "run.monitor.k", f"at most run.monitor.images={m['images']}", m["k"])
+    if m["source"] is None and r.data.source.startswith("wds:"):
+        raise RecipeError(
+            f"run.monitor.source is null, so it reads data.source {r.data.source!r}, a stream; the monitor "
+            "needs an indexed labelled source: set run.monitor.source (e.g. folder:/data/imagenet-val-subset)"
+        )
     if m["source"] is not None:
         scheme = str(m["source"]).partition(":")[0]
         _require(

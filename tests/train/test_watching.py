@@ -199,11 +199,15 @@ def test_missing_logger_package_names_the_extra(monkeypatch, recipe):
         ("run.monitor={images: 10, k: 20}", "run.monitor.k must be at most run.monitor.images=10"),
         ("run.monitor={source: 'wds:/x/train-index.json'}", "run.monitor.source must be a labelled indexed"),
         ("run.images_every=-1", "run.images_every must be steps >= 0"),
+        (
+            ("data.source=wds:/x/train-index.json", "run.monitor={}"),
+            "run.monitor.source is null, so it reads",
+        ),
     ],
 )
 def test_bad_watch_settings_are_recipe_errors(recipe, override, message):
     with pytest.raises(RecipeError, match=message.replace("[", r"\[")):
-        load_recipe(recipe, [override])
+        load_recipe(recipe, [override] if isinstance(override, str) else list(override), check_data=False)
 
 
 def test_monitor_too_large_fails_before_training(recipe, tmp_path):
