@@ -9,7 +9,7 @@ csv            ``RUN/metrics.csv``, one row a record,       rebuilt from ``metri
                a column per key ever logged
 tensorboard    ``RUN/tensorboard/events.out.tfevents.*``    the new writer purges events from the
                (``torch.utils.tensorboard``)                step after the checkpoint on (TensorBoard's
-                                                            ``purge_step``)
+                                                            ``purge_step``; from step 0 on a fresh start)
 wandb          ``RUN/wandb/`` (W&B's offline run unless     the same run id; what the run logged up to
                ``WANDB_MODE`` says otherwise), the          the checkpoint is sent again where the
                recipe as its config and as a file           killed process could not finish its log
@@ -133,8 +133,9 @@ class TensorBoardLogger:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as err:
             raise MissingLoggerPackage(_install_hint("tensorboard", "tensorboard", err)) from None
-        # purge_step hides, in every reader, what the killed process wrote past the checkpoint
-        purge = None if resumed_step is None else resumed_step + 1
+        # purge_step hides, in every reader, what an earlier process wrote past the checkpoint (all
+        # of it on a fresh start: a run killed before its first checkpoint starts over)
+        purge = 0 if resumed_step is None else resumed_step + 1
         self.writer = SummaryWriter(log_dir=str(run_dir / TENSORBOARD_DIR), purge_step=purge)
 
     def scalars(self, record: dict[str, Any]) -> None:

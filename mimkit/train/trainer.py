@@ -51,7 +51,7 @@ from mimkit.train.distributed import Dist, barrier, import_deepspeed, init_distr
 from mimkit.train.evaluation import Best, Evaluator
 from mimkit.train.init_from import load_init
 from mimkit.train.loader import build_loader, build_stream_loader
-from mimkit.train.loggers import IMAGE_TAG, METRICS_FILE, RunLoggers
+from mimkit.train.loggers import IMAGE_TAG, IMAGES_DIR, METRICS_FILE, RunLoggers
 from mimkit.train.monitor import KnnMonitor, Reconstructions
 from mimkit.train.optim import build_adamw
 from mimkit.train.schedule import warmup_cosine_lr
@@ -685,7 +685,8 @@ class _Window:
 
 
 def _prepare_run_dir(recipe: Recipe, run_dir: Path, resumed_step: int | None) -> None:
-    """Write ``recipe.yaml``; on resume, warn about changed keys and drop metrics past the checkpoint."""
+    """Write ``recipe.yaml``; on resume, warn about changed keys and drop metrics and pictures past the
+    checkpoint (all of them on a fresh start)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     recipe_path = run_dir / RECIPE_FILE
     if resumed_step is not None and recipe_path.is_file():
@@ -699,6 +700,9 @@ def _prepare_run_dir(recipe: Recipe, run_dir: Path, resumed_step: int | None) ->
             print(f"[mimkit] resuming with changed recipe keys: {', '.join(changed)}", file=sys.stderr)
     atomic_write_text(recipe_path, recipe.dump())
 
+    for picture in (run_dir / IMAGES_DIR).glob("step*.png"):  # drawn again from the checkpoint on
+        if resumed_step is None or int(picture.stem.removeprefix("step")) > resumed_step:
+            picture.unlink()
     metrics = run_dir / METRICS_FILE
     if resumed_step is None:
         metrics.unlink(missing_ok=True)
@@ -793,14 +797,17 @@ def summary(result: RunResult, recipe: Recipe, total_steps: int, task: str = "pr
         lines.append(
             f"  {split + ' (last)':<11} " + ", ".join(f"{k} {v:.4g}" for k, v in result.evaluation.items())
         )
-    if result.monitor:
+    if result.monitor or result.watch_seconds:
         m = result.monitor
-        share = result.watch_seconds / max(result.wall_time, 1e-9)
-        lines.append(
-            f"  monitor     k-NN top-1 cls {m['monitor_knn_cls']:.1f}, patch mean "
-            f"{m['monitor_knn_patch_mean']:.1f} at step {m['step']}; monitor and pictures took "
-            f"{result.watch_seconds:.1f} s ({share:.1%} of the run)"
+        knn = (
+            f"k-NN top-1 cls {m['monitor_knn_cls']:.1f}, patch mean {m['monitor_knn_patch_mean']:.1f} "
+            f"at step {m['step']}; "
+            if m
+            else ""
         )
+        share = result.watch_seconds / max(result.wall_time, 1e-9)
+        took = f"monitor and pictures took {result.watch_seconds:.1f} s ({share:.1%} of the run)"
+        lines.append(f"  monitor     {knn}{took}")
     if result.best is not None:
         b = result.best
         lines.append(f"  best        {b['metric']} {b['value']:.4g} at step {b['step']} -> {b['dir']}")

@@ -112,6 +112,20 @@ def test_tensorboard_holds_each_step_once_after_kill_and_resume(resumed_run):
     assert [e.step for e in events.Images("reconstructions")] == [0, 3, 6]
 
 
+def test_a_run_killed_before_its_first_checkpoint_starts_its_logs_over(recipe, tmp_path):
+    run_dir = tmp_path / "run"
+    watched = ("run.loggers=[csv,tensorboard]", "run.images_every=1", "train.max_steps=3")
+    pretrain(recipe, run_dir, *watched, "debug.kill_after_step=1", expect=-signal.SIGKILL)
+    pretrain(recipe, run_dir, *watched, "run.images_every=2")
+    assert [e.step for e in _tensorboard(run_dir).Scalars("loss")] == [1, 2, 3]
+    with open(run_dir / "metrics.csv", newline="") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == [1, 2, 3]
+    # the first process's picture of step 1 is gone with its run
+    assert sorted(p.name for p in (run_dir / "images").iterdir()) == [
+        f"step0000000{s}.png" for s in (0, 2, 3)
+    ]
+
+
 def test_csv_mirrors_metrics_jsonl(resumed_run):
     jsonl = _metrics(resumed_run)
     with open(resumed_run / "metrics.csv", newline="") as f:
