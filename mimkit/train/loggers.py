@@ -18,7 +18,8 @@ wandb          ``RUN/wandb/`` (W&B's offline run unless     the same run id; wha
 Only rank 0 logs. A resumed run is bit-identical to the uninterrupted one, so the steps a killed
 process logged after its last checkpoint would be logged again with the same values: each logger
 keeps them once. Every record is written as it comes (the files are flushed), so a killed run
-loses nothing it had logged. Scalars keep their ``metrics.jsonl`` names in every logger;
+loses nothing it had logged, except in W&B's own buffered log, which the resumed run refills.
+Scalars keep their ``metrics.jsonl`` names in every logger;
 pictures go to TensorBoard and W&B as images (the PNG files are the trainer's).
 """
 
