@@ -289,6 +289,8 @@ def test_demo_recipe_trains_through_the_pretrain_tool(tmp_path):
         "train.max_steps=2",
         "run.log_every=1",
         "run.progress=false",
+        "run.monitor=null",  # the demo's k-NN monitor and pictures are tested on their own
+        "run.images_every=0",
     ]
     tool, recipe = REPO / "tools" / "pretrain.py", REPO / "recipes" / "demo" / "cae_vit_tiny.yaml"
     env = subprocess_env()
