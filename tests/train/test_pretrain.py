@@ -19,25 +19,13 @@ from mimkit.models import load_backbone
 from mimkit.train import load_method, load_recipe
 from mimkit.train.checkpoint import LATEST, tag_for
 from mimkit.train.distributed import free_port
-from tests.helpers import subprocess_env
+from tests.helpers import subprocess_env, tiny_mae_recipe
 
 REPO = Path(__file__).resolve().parents[2]
 TOOL = REPO / "tools" / "pretrain.py"
 STEPS = 6
 
-TINY = f"""\
-defaults: {REPO / "recipes" / "mae" / "default.yaml"}
-method:
-  backbone: {{name: vit_tiny_patch16, img_size: 32, patch_size: 8, depth: 2}}
-  decoder_dim: 32
-  decoder_depth: 1
-  decoder_heads: 2
-data: {{source: "synthetic:shapes?size=32&train=32&val=8", workers: 0}}
-optim: {{lr: 1.0e-3, warmup_epochs: 1}}
-batch: {{global_size: 8, micro_size: 4}}
-train: {{epochs: 3, max_steps: {STEPS}, precision: fp32, zero_stage: 0}}
-run: {{log_every: 1, checkpoint_every: 2, progress: false}}
-"""
+TINY = tiny_mae_recipe(STEPS)
 
 
 @pytest.fixture(scope="module")
