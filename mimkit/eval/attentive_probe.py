@@ -68,8 +68,8 @@ from mimkit.eval.features import (
     classification_source,
     describe_encoder,
     input_normalization,
-    load_encoder,
     num_classes_of,
+    pretrained_and_random_init,
     require_labelled_source,
     require_labels,
     source_features,
@@ -405,15 +405,13 @@ def compare_attentive(
     init": result}``; prints the table when ``verbose``.
     """
     extract = extract or ExtractSettings()
-    out = {}
-    for name, random_init in (("pretrained", False), ("random init", True)):
-        model = load_encoder(
-            encoder, random_init=random_init, img_size=extract.img_size, checkpoint=checkpoint, seed=seed,
-            device=extract.device, normalization=normalization,
-        )  # fmt: skip
-        log = print if verbose and name == "pretrained" else None
-        out[name] = attentive_probe(model, train_source, val_source, extract=extract, log=log, **kwargs)
-        del model
+
+    def run(model, log):
+        return attentive_probe(model, train_source, val_source, extract=extract, log=log, **kwargs)
+
+    out = pretrained_and_random_init(
+        encoder, run, extract, checkpoint=checkpoint, seed=seed, normalization=normalization, verbose=verbose
+    )
     if json_path is not None:
         write_json(json_path, out)
     if verbose:

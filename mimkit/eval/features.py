@@ -25,7 +25,7 @@ import json
 import os
 import queue
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -166,6 +166,33 @@ def load_encoder(
         "seed": seed if random_init else None,
     }
     return model.to(device).eval().requires_grad_(False)
+
+
+def pretrained_and_random_init(
+    encoder: str | os.PathLike,
+    run: Callable[[Backbone, Callable[..., None] | None], dict[str, Any]],
+    extract: ExtractSettings,
+    *,
+    checkpoint: str | os.PathLike | None = None,
+    seed: int = 0,
+    normalization: Normalization | None = None,
+    verbose: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """``{"pretrained": run(model, log), "random init": run(model, None)}``, one encoder at a time.
+
+    Both are loaded at ``extract.img_size`` on ``extract.device`` (the random init seeded by
+    ``seed``); ``log`` is ``print`` for the pretrained run when ``verbose``. The random init runs
+    second, so a check that fails fails on the first before the second is built.
+    """
+    out = {}
+    for name, random_init in (("pretrained", False), ("random init", True)):
+        model = load_encoder(
+            encoder, random_init=random_init, img_size=extract.img_size, checkpoint=checkpoint, seed=seed,
+            device=extract.device, normalization=normalization,
+        )  # fmt: skip
+        out[name] = run(model, print if verbose and name == "pretrained" else None)
+        del model
+    return out
 
 
 def input_normalization(encoder: Backbone) -> Normalization:

@@ -37,7 +37,11 @@ from tqdm import tqdm
 
 from mimkit.data.transforms import Normalization
 from mimkit.eval.common import format_table, result, write_json
-from mimkit.eval.features import describe_encoder, input_normalization, load_encoder
+from mimkit.eval.features import (
+    describe_encoder,
+    input_normalization,
+    pretrained_and_random_init,
+)
 from mimkit.eval.preflight import MEMORY_HEADROOM, available_bytes, check_fits
 from mimkit.eval.retrieval import (
     KEY_DTYPES,
@@ -571,21 +575,15 @@ def compare_incontext(
     Returns ``{"pretrained": result, "random init": result}``; prints the table when ``verbose``.
     """
     extract = extract or SEG_EXTRACT
-    out = {}
-    for name, random_init in (("pretrained", False), ("random init", True)):
-        model = load_encoder(
-            encoder,
-            random_init=random_init,
-            img_size=extract.img_size,
-            checkpoint=checkpoint,
-            seed=seed,
-            device=extract.device,
-            normalization=normalization,
-        )
-        log = print if verbose and name == "pretrained" else None
-        out[name] = incontext_segmentation(
+
+    def run(model, log):
+        return incontext_segmentation(
             model, train_source, val_source, seed=seed, extract=extract, log=log, **kwargs
         )
+
+    out = pretrained_and_random_init(
+        encoder, run, extract, checkpoint=checkpoint, seed=seed, normalization=normalization, verbose=verbose
+    )
     if json_path is not None:
         write_json(json_path, out)
     if verbose:

@@ -56,7 +56,11 @@ from tqdm import tqdm
 from mimkit.data import build_source
 from mimkit.data.transforms import Normalization
 from mimkit.eval.common import format_table, result, write_json
-from mimkit.eval.features import describe_encoder, input_normalization, load_encoder
+from mimkit.eval.features import (
+    describe_encoder,
+    input_normalization,
+    pretrained_and_random_init,
+)
 from mimkit.eval.preflight import check_fits, check_img_size, format_bytes
 from mimkit.eval.seg_augment import CAT_MAX_RATIO, RATIO_RANGE, seg_probe_transform
 from mimkit.eval.seg_data import IGNORE_INDEX, seg_classes, seg_transform
@@ -436,21 +440,15 @@ def compare_seg_probe(
     """
     settings = settings or SegProbe()
     extract = extract or ExtractSettings(batch_size=settings.batch_size)
-    out: dict[str, Any] = {}
-    for name, random_init in (("pretrained", False), ("random init", True)):
-        model = load_encoder(
-            encoder,
-            random_init=random_init,
-            img_size=extract.img_size,
-            checkpoint=checkpoint,
-            seed=seed,
-            device=extract.device,
-            normalization=normalization,
-        )
-        log = print if verbose and name == "pretrained" else None
-        out[name] = seg_probe(
+
+    def run(model, log):
+        return seg_probe(
             model, train_source, val_source, settings=settings, cached=cached, extract=extract, log=log
         )
+
+    out = pretrained_and_random_init(
+        encoder, run, extract, checkpoint=checkpoint, seed=seed, normalization=normalization, verbose=verbose
+    )
     a, b = out["pretrained"]["results"], out["random init"]["results"]
     out["gain"] = {k: a[k] - b[k] for k in ("miou", "miou_hungarian", "pixel_accuracy")}
     if json_path is not None:
