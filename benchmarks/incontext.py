@@ -1,9 +1,16 @@
-"""``python tools/benchmark.py incontext``: in-context retrieval queries/s against memory size.
+"""``python tools/benchmark.py incontext``: in-context retrieval queries/s against memory size,
+and with ``--prompt`` visual-prompting canvases/s.
 
-A thin wrapper over :func:`benchmark_incontext`: random unit keys of ``--dim``
-dimensions and random class-fraction values, ``--queries`` query patches searched exactly (chunked
-matmul + top-k) and aggregated as the dense retrieval evaluation does; the best of ``--repeat``
-timed runs after a warm-up counts. The default sizes match the scales of issue #10 on one machine.
+Retrieval (:func:`benchmark_incontext`): random unit keys of ``--dim`` dimensions and random
+class-fraction values, ``--queries`` query patches searched exactly (chunked matmul + top-k) and
+aggregated as the dense retrieval evaluation does; the best of ``--repeat`` timed runs after a
+warm-up counts. The default sizes span 10k to 1M keys on one machine.
+
+Prompting (:func:`benchmark_prompt`): per recipe, an untrained method of that recipe (speed does
+not depend on the weights) paints ``--canvases`` canvases the way ``mimkit prompt`` does per batch
+(labels rendered, cells resized and stitched, the answer quadrant painted, cropped, resized to the
+label size and decoded), against the same model's encoder-plus-decoder forward on ready canvases
+with the same mask: ``ratio`` near 1 means painting costs one forward and nothing else.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,6 +27,8 @@ import torch.nn.functional as F
 from benchmarks.common import machine_info, print_table
 from mimkit.eval.incontext import DEFAULT_K, DEFAULT_TEMPERATURE, MemoryBank, patch_distributions
 from mimkit.eval.retrieval import KEY_DTYPES, default_key_dtype
+
+PROMPT_RECIPES = ["recipes/demo/painter_vit_tiny.yaml", "recipes/demo/mae_rawpix_vit_tiny.yaml"]
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -46,6 +56,14 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per size; the best counts (3)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random keys (default 0)")
+    parser.add_argument(
+        "--prompt", action="store_true", help="time visual prompting (canvases/s) instead of retrieval"
+    )
+    parser.add_argument(
+        "--recipes", nargs="+", default=PROMPT_RECIPES, help="--prompt: methods timed (the two CPU demos)"
+    )
+    parser.add_argument("--canvases", type=int, default=256, help="--prompt: canvases per timed run (256)")
+    parser.add_argument("--batch-size", type=int, default=64, help="--prompt: canvases per forward (64)")
 
 
 def _check(args: argparse.Namespace) -> torch.device:
@@ -71,6 +89,8 @@ def run(args: argparse.Namespace) -> dict:
     from tqdm import tqdm
 
     device = _check(args)
+    if args.prompt:
+        return _run_prompt(args, device)
     machine = machine_info()
     rows = []
     # one call per size (keys made at that size) so the bar moves; peak memory is the largest size's
@@ -161,3 +181,101 @@ def benchmark_incontext(
             }
         )  # fmt: skip
     return out
+
+
+def _run_prompt(args: argparse.Namespace, device: torch.device) -> dict:
+    for name in ("canvases", "batch_size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    missing = [r for r in args.recipes if not Path(r).is_file()]
+    if missing:
+        raise FileNotFoundError(f"--recipes: no such file {', '.join(missing)}")
+    machine = machine_info()
+    rows = [
+        benchmark_prompt(
+            recipe, num_canvases=args.canvases, batch_size=args.batch_size, repeats=args.repeat,
+            device=device, seed=args.seed,
+        )
+        for recipe in args.recipes
+    ]  # fmt: skip
+    print_table(
+        rows,
+        ["recipe", "method", "side", "grid", "canvases_per_s", "forward_canvases_per_s", "ratio"],
+    )
+    options = {"recipes": args.recipes, "canvases": args.canvases, "batch_size": args.batch_size}
+    options.update(device=str(device), repeat=args.repeat, seed=args.seed)
+    return {"benchmark": "incontext --prompt", "options": options, "machine": machine, "results": rows}
+
+
+@torch.no_grad()
+def benchmark_prompt(
+    recipe: str | Path,
+    *,
+    num_canvases: int = 256,
+    batch_size: int = 64,
+    repeats: int = 3,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Canvases/s of visual prompting with ``recipe``'s method, against its bare forward.
+
+    Returns ``recipe, method, side, grid, num_canvases, batch_size, seconds, forward_seconds,
+    canvases_per_s, forward_canvases_per_s, ratio`` (seconds over forward seconds, best of
+    ``repeats`` each after a warm-up).
+    """
+    from mimkit.data.transforms import Normalization
+    from mimkit.eval.prompting import check_paintable, paint, paint_answers
+    from mimkit.ssl import build_method
+    from mimkit.ssl import canvas as cv
+    from mimkit.train.config import load_recipe
+
+    device = torch.device(device)
+    loaded = load_recipe(recipe, check_data=False)
+    method_cfg = loaded.method.to_dict()
+    check_paintable(method_cfg, where=f"{recipe}: ")
+    torch.manual_seed(seed)
+    method = build_method(method_cfg).to(device).eval().requires_grad_(False)
+    norm = Normalization.from_dict(loaded.normalization.to_dict(), 3)
+    side = method.encoder.patch_embed.img_size[0]
+    cell = cv.cell_size(side, int(getattr(method, "separator", 1)))
+    palette = cv.Palette(int(getattr(method, "num_classes", 4)))
+    g = torch.Generator().manual_seed(seed)
+    b = min(batch_size, num_canvases)
+    supports, queries = torch.randn(2, b, 3, side, side, generator=g)
+    labels = torch.randint(palette.num_classes, (b, side, side), generator=g)
+    batches = [min(b, num_canvases - lo) for lo in range(0, num_canvases, b)]
+
+    def prompt_batch(n: int) -> torch.Tensor:
+        outputs = palette.render(cv.resize_labels(labels[:n], cell))
+        answers, _, _ = paint_answers(method, norm, supports[:n], outputs, queries[:n], device)
+        resized = F.interpolate(answers, size=(side, side), mode="bilinear", align_corners=False)
+        return palette.decode(resized)
+
+    rendered = palette.render(cv.resize_labels(labels, cell))
+    _, canvases, _ = paint_answers(method, norm, supports, rendered, queries, device)
+    mask = cv.answer_patch_mask(method.encoder.grid_size).to(device).expand(b, -1)
+
+    def forward_batch(n: int) -> torch.Tensor:
+        return paint(method, canvases[:n], mask[:n])
+
+    def best_of(step) -> float:
+        step(batches[0])  # warm-up
+        best = math.inf
+        for _ in range(repeats):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            for n in batches:
+                step(n)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            best = min(best, time.perf_counter() - t0)
+        return best
+
+    seconds, forward_seconds = best_of(prompt_batch), best_of(forward_batch)
+    return {
+        "recipe": str(recipe), "method": method_cfg.get("name", "mae"), "side": side,
+        "grid": list(method.encoder.grid_size), "num_canvases": num_canvases, "batch_size": b,
+        "seconds": seconds, "forward_seconds": forward_seconds, "canvases_per_s": num_canvases / seconds,
+        "forward_canvases_per_s": num_canvases / forward_seconds, "ratio": seconds / forward_seconds,
+    }  # fmt: skip

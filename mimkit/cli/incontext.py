@@ -1,4 +1,4 @@
-"""In-context evaluation of a frozen encoder: dense retrieval segmentation (seg) and classification (cls).
+"""In-context evaluation: dense retrieval segmentation (seg), classification (cls), prompting (prompt).
 
 ``mimkit incontext`` / ``python tools/incontext.py``:
 
@@ -7,6 +7,7 @@
         --memory-size 1024000 --aug-epochs 2 --json hbird_voc.json
     mimkit incontext seg --encoder export/ --train ade20k:/data/ADEChallengeData2016 --img-size 512
     mimkit incontext cls --encoder runs/demo --train "synthetic:shapes?train=2000&val=500"
+    mimkit incontext prompt --run runs/painter --train "synthetic:shapes?train=4096&val=512" --vs-random
 
 seg (Hummingbird, Balazevic et al. 2023): a memory bank of the train split's final-normed patch
 tokens (L2-normalised keys) and per-class pixel fractions (values), over --aug-epochs passes of
@@ -21,11 +22,15 @@ pass. --vs-random also runs a random init of the same shape and prints both side
 cls: n labelled train images per class (--shots) as the support; each val image is classified
 by nearest prototype (CL2N) and by weighted k-NN over the support, over --episodes seeded draws;
 mean and 95% interval. Shots beyond the smallest class are refused before any forward pass.
+
+prompt: visual prompting by inpainting (Bar et al. 2022) with a whole pretrained method, decoder
+included; the same tool and options as ``mimkit prompt`` (see ``incontext prompt --help``).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from mimkit.eval.common import add_eval_args, check_common_args, encoder_from_args, write_json
@@ -97,6 +102,10 @@ def _parser(prog: str | None = None) -> argparse.ArgumentParser:
     )
     cls.add_argument("--temperature", type=float, default=KNN_TEMPERATURE, help="k-NN vote temperature")
     cls.add_argument("--feature", choices=KNN_FEATURES, default="cls", help="feature compared (%(default)s)")
+    # parsed by mimkit.cli.prompt (main hands it the rest of the line); listed here for --help
+    sub.add_parser(
+        "prompt", help="visual prompting by inpainting (the options of `mimkit prompt`)", add_help=False
+    )
     return parser
 
 
@@ -133,7 +142,12 @@ def _cls(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    """Parse ``argv`` (default ``sys.argv[1:]``), run the ``seg`` or ``cls`` task, print its table."""
+    """Parse ``argv`` (default ``sys.argv[1:]``), run the seg, cls or prompt task, print its table."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["prompt"]:
+        from mimkit.cli import prompt
+
+        return prompt.main(argv[1:], prog=f"{prog or os.path.basename(sys.argv[0])} prompt")
     parser = _parser(prog)
     args = parser.parse_args(argv)
     check_common_args(parser, args)

@@ -62,7 +62,8 @@ def check_paintable(method_cfg: dict[str, Any], where: str = "") -> None:
         raise ValueError(
             f"{where}the {name!r} model was trained with norm_pix_loss: its decoder predicts each patch "
             "up to its own mean and scale, so it cannot paint the absolute colours a prompt canvas is "
-            f"read by. Pretrain with {NORM_PIX_KEY} (e.g. recipes/demo/mae_rawpix_vit_tiny.yaml)"
+            f"read by. Pretrain with {NORM_PIX_KEY} (e.g. recipes/demo/mae_rawpix_vit_tiny.yaml), or convert "
+            "an official plain-pixel checkpoint (mae_visualize_*.pth) with --keep-decoder --no-norm-pix"
         )
     cls = method_class(name)
     if not (hasattr(cls, "paint") or name == "mae"):
@@ -119,6 +120,38 @@ def load_prompt_model(
         "seed": seed if random_init else None,
     }
     return method.to(device).eval().requires_grad_(False), norm, method_cfg
+
+
+def paint_answers(
+    method: torch.nn.Module,
+    norm: Normalization,
+    support_images: torch.Tensor,
+    support_outputs: torch.Tensor,
+    query_images: torch.Tensor,
+    device: str | torch.device = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Paint the answers of one canvas per query.
+
+    Args:
+        support_images, query_images: (B, 3, H, W) in input normalisation, at any size.
+        support_outputs: (B, 3, cell, cell) rendered labels in [0, 1] (a :class:`~cv.Palette`'s).
+
+    Returns:
+        ``(answers, canvases, painted)``: the painted answer cells (B, 3, cell, cell) in [0, 1] on
+        the CPU, the input canvases and the painted canvases (normalised, on ``device``).
+    """
+    side = method.encoder.patch_embed.img_size[0]
+    sep = int(getattr(method, "separator", 1))
+    cell = cv.cell_size(side, sep)
+    cells = {
+        "support_image": cv.resize_images(support_images, cell),
+        "support_output": cv.normalize(support_outputs, norm),
+        "query_image": cv.resize_images(query_images, cell),
+    }
+    canvases = cv.stitch(cells, side, sep, cv.separator_value(norm)).to(device)
+    answer = cv.answer_patch_mask(method.encoder.grid_size).to(canvases.device)
+    painted = paint(method, canvases, answer.expand(len(canvases), -1)).float()
+    return cv.denormalize(cv.crop_cell(painted, "answer", sep), norm).cpu(), canvases, painted
 
 
 # ----------------------------------------------------------------------------- data
@@ -277,8 +310,6 @@ def evaluate_prompting(
             @ image_features(method, pool_images, batch_size, device).T
         )
     palettes = {"fg": cv.Palette(2, binary=True), "semantic": cv.Palette(num_classes)}
-    answer = cv.answer_patch_mask(method.encoder.grid_size).to(device)
-    white = cv.separator_value(norm)
     shown: list[torch.Tensor] = []
 
     def render(task: str, masks: torch.Tensor, fg: torch.Tensor | None) -> torch.Tensor:
@@ -310,16 +341,10 @@ def evaluate_prompting(
                 painted = 0.0
                 for s in range(shots):
                     sup = support[:, s]
-                    cells = {
-                        "support_image": cv.resize_images(pool_images[sup], cell),
-                        "support_output": cv.normalize(
-                            render(task, cv.resize_labels(pool_masks[sup], cell), fg), norm
-                        ),
-                        "query_image": cv.resize_images(q_img, cell),
-                    }
-                    canvas = cv.stitch(cells, side, sep, white).to(device)
-                    out = paint(method, canvas, answer.expand(len(canvas), -1)).float()
-                    painted = painted + cv.denormalize(cv.crop_cell(out, "answer", sep), norm).cpu()
+                    outputs = render(task, cv.resize_labels(pool_masks[sup], cell), fg)
+                    images = pool_images[sup]
+                    answers, canvas, out = paint_answers(method, norm, images, outputs, q_img, device)
+                    painted = painted + answers
                     if seed == seeds[0] and s == 0 and len(shown) < examples * len(tasks) and lo == 0:
                         keep = min(examples, len(canvas))
                         done = canvas.clone()

@@ -22,20 +22,31 @@ query are stitched and the model paints the query's output. Here:
   probability ``answer_prob`` a canvas has its whole bottom-right quadrant masked, the inference
   mask, plus its remaining budget at random. The default (0.25, 1.0, 0.5) masks half of the
   outputs and no input, Painter's share; half the canvases are then exactly the inference mask.
+- **Model.** Painter's two streams on the canvas's two columns: the left column (support image
+  over query image) is the image stream, the right column (support output over the answer) the
+  output stream. Both are patch-embedded by the backbone, take the same positions (the left
+  column's) plus a learned segment token each, and masked patches take a mask token (SimMIM-
+  style: the encoder sees every position). The streams run as one batch through blocks
+  ``0..merge_block`` and are then averaged token by token (Painter: after block 2), so every
+  later token holds an image patch and its output patch together and only the in-context part
+  of the task (which colour to paint, read from the prompt pair) goes through attention.
+  :class:`PainterHead` paints from the final-normed tokens of four blocks (the last of each
+  quarter of the encoder, ViT-L: 5, 11, 17, 23): concatenated, a linear layer to
+  ``decoder_dim`` channels per pixel, a 3x3 conv, LayerNorm, GELU and a 1x1 conv to RGB.
 - **Loss.** Smooth-L1 (beta 0.01, the paper's) on the raw (input-normalised, not per-patch
-  normalised) pixels of the masked patches, so the model paints absolute colours.
+  normalised) pixels of the masked output patches, so the model paints absolute colours.
+
+The encoder is the registry backbone unchanged (the mask and segment tokens and the head belong
+to the method): exported, loaded by ``load_backbone`` and into timm like every other, and
+``forward_features`` on a plain image is the usual ViT.
 
 Deviations, and why:
 
-- Painter stacks prompt over query (896 x 448) in two streams (images, outputs) that are merged
-  after three blocks, and encodes mask tokens (SimMIM-style) with a light multi-level conv head.
-  Here one plain registry ViT encodes the visible patches of one canvas (MAE-style) and MAE's
-  decoder paints: the encoder stays an ordinary backbone, exported and loaded like every other,
-  and the canvas is Bar et al.'s 2x2, so one prompting tool reads MAE and Painter alike.
+- Painter stacks prompt over query (896 x 448 per stream); here the streams are the columns of
+  Bar et al.'s 2x2 canvas, so one prompting tool and one canvas serve MAE and Painter alike.
 - Painter masks block-wise (784 of 1568 output patches, up to 392 per block); here masking is
-  random per patch, and ``output_share < 1`` may also hide inputs (an MAE-like signal). A first
-  demo run with (0.5, 0.75) spent its loss on unpredictable input textures and painted flat
-  colours; masking outputs only fixed that.
+  random per patch. ``output_share < 1`` also hides input patches (mask tokens in the image
+  stream), which are not predicted: Painter paints outputs only.
 - Painter's tasks come from labelled datasets (depth, segmentation, keypoints, denoising, ...);
   here the outputs come from the batch's ``mask`` (sources with ``segmentation=1``, ``voc:``,
   ``ade20k:``) or from the image itself (edges, identity).
@@ -45,16 +56,17 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from timm.layers import LayerNorm2d
+from torch import nn
 
 from mimkit.data.transforms import Normalization
 from mimkit.models import Backbone
 from mimkit.ssl import canvas as cv
 from mimkit.ssl.base import MaskedImageModel
-from mimkit.ssl.decoder import MAEDecoder
 from mimkit.ssl.mae import init_mae_weights
-from mimkit.ssl.masking import MaskGenerator, ids_keep, num_masked, register_mask
+from mimkit.ssl.masking import MaskGenerator, num_masked, register_mask
 from mimkit.ssl.registry import register_method
-from mimkit.ssl.targets import patchify, select_patches, unpatchify
+from mimkit.ssl.targets import patchify, unpatchify
 
 TASKS = ("segmentation", "foreground", "edges", "identity")
 DEFAULT_TASKS = ("segmentation", "foreground")
@@ -167,6 +179,31 @@ def partners_holding(labels: torch.Tensor, classes: torch.Tensor, generator=None
     return torch.where(holds.any(0), best, torch.arange(b, device=labels.device))
 
 
+class PainterHead(nn.Module):
+    """Painter's light decoder: the normed tokens of four encoder levels, concatenated, projected to
+    ``decoder_dim`` channels per pixel of each patch, laid out as an image, then a 3x3 conv,
+    LayerNorm, GELU and a 1x1 conv to RGB."""
+
+    def __init__(self, embed_dim: int, levels: int, patch_size: int, decoder_dim: int, out_chans: int = 3):
+        super().__init__()
+        self.patch_size = patch_size
+        self.decoder_dim = decoder_dim
+        self.embed = nn.Linear(embed_dim * levels, patch_size**2 * decoder_dim)
+        self.pred = nn.Sequential(
+            nn.Conv2d(decoder_dim, decoder_dim, kernel_size=3, padding=1),
+            LayerNorm2d(decoder_dim),
+            nn.GELU(),
+            nn.Conv2d(decoder_dim, out_chans, kernel_size=1),
+        )
+
+    def forward(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """(B, rows * cols, levels * D) -> (B, out_chans, rows * p, cols * p)."""
+        b, p, (rows, cols) = tokens.shape[0], self.patch_size, grid
+        x = self.embed(tokens).view(b, rows, cols, p, p, self.decoder_dim)
+        x = torch.einsum("nhwpqc->nchpwq", x).reshape(b, self.decoder_dim, rows * p, cols * p)
+        return self.pred(x)
+
+
 @register_method("painter")
 class Painter(MaskedImageModel):
     """In-context pretraining on 2x2 canvases of two (image, output) pairs of the same task.
@@ -181,7 +218,9 @@ class Painter(MaskedImageModel):
         separator: half-width in pixels of the white cross between cells.
         mean, std: the input normalisation of the recipe (``data.mean`` / ``data.std``; null:
             ImageNet's), in which rendered outputs and separators are written like the images.
-        decoder_dim, decoder_depth, decoder_heads, decoder_mlp_ratio: MAE's decoder.
+        merge_block: the block after which the image and output streams are averaged (null:
+            Painter's 2, i.e. three blocks per stream, or the first tapped block if earlier).
+        decoder_dim: channels per pixel of :class:`PainterHead` (Painter: 64).
         smooth_l1_beta: the loss's switch point from quadratic to linear (Painter: 0.01).
     """
 
@@ -198,10 +237,8 @@ class Painter(MaskedImageModel):
         separator: int = 1,
         mean: list[float] | None = None,
         std: list[float] | None = None,
-        decoder_dim: int = 512,
-        decoder_depth: int = 8,
-        decoder_heads: int = 16,
-        decoder_mlp_ratio: float = 4.0,
+        merge_block: int | None = None,
+        decoder_dim: int = 64,
         smooth_l1_beta: float = SMOOTH_L1_BETA,
     ):
         super().__init__(encoder, mask_generator)
@@ -217,6 +254,16 @@ class Painter(MaskedImageModel):
         if side[0] != side[1]:
             raise ValueError(f"painter needs a square canvas, got img_size {tuple(side)}")
         cv.answer_patch_mask(encoder.grid_size)  # raises unless the grid splits into quadrants
+        depth = len(encoder.blocks)
+        # Painter taps the last block of each quarter of the encoder (ViT-L: 5, 11, 17, 23)
+        self.levels = [max(0, k * depth // 4 - 1) for k in range(1, 5)]
+        if merge_block is None:
+            merge_block = min(2, min(self.levels))
+        if not 0 <= merge_block <= min(self.levels):
+            raise ValueError(
+                f"merge_block={merge_block} must be in [0, {min(self.levels)}] for a {depth}-block encoder "
+                f"(the streams merge before the first tapped block, {min(self.levels)})"
+            )
         self.side = int(side[0])
         self.cell = cv.cell_size(self.side, separator)
         self.tasks = tasks
@@ -229,17 +276,22 @@ class Painter(MaskedImageModel):
         self.palette = cv.Palette(num_classes)
         self.binary = cv.Palette(2, binary=True)
         self.smooth_l1_beta = smooth_l1_beta
+        self.merge_block = merge_block
         self.patch_size = encoder.patch_size
-        self.decoder = MAEDecoder(
-            encoder.embed_dim,
-            encoder.grid_size,
-            self.patch_size**2 * 3,
-            dim=decoder_dim,
-            depth=decoder_depth,
-            num_heads=decoder_heads,
-            mlp_ratio=decoder_mlp_ratio,
-        )
+        rows, cols = encoder.grid_size
+        self.stream_grid = (rows, cols // 2)
+        output = cv.output_half_mask(encoder.grid_size)
+        # the same (row, column-within-half) patch of each stream, in row-major order
+        self.register_buffer("image_idx", (~output).nonzero()[:, 0], persistent=False)
+        self.register_buffer("output_idx", output.nonzero()[:, 0], persistent=False)
+        dim = encoder.embed_dim
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.segment_image = nn.Parameter(torch.zeros(1, 1, dim))
+        self.segment_output = nn.Parameter(torch.zeros(1, 1, dim))
+        self.head = PainterHead(dim, len(self.levels), self.patch_size, decoder_dim)
         init_mae_weights(self)
+        for token in (self.mask_token, self.segment_image, self.segment_output):
+            nn.init.trunc_normal_(token, std=0.02)
 
     # ------------------------------------------------------------------ canvases
 
@@ -300,31 +352,66 @@ class Painter(MaskedImageModel):
 
     # ------------------------------------------------------------------ model
 
+    def encode(self, canvases: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Painter's two-stream encoder on a canvas: (B, 3, side, side), (B, L) -> (B, L / 2, 4 D).
+
+        The left column (images) and the right column (outputs) are two streams of the same
+        positions (the left column's) plus a learned segment token each; masked patches take
+        the mask token (SimMIM-style, so the encoder sees every position). The streams run
+        through the first ``merge_block + 1`` blocks as one batch and are then averaged token by
+        token, so from there each token holds an image patch and its output patch together. The
+        final-normed patch tokens of the four tapped blocks are concatenated.
+        """
+        b = canvases.shape[0]
+        tokens = self.encoder.patch_embed(canvases)  # (B, L, D), no positions yet
+        w = mask[..., None].to(tokens.dtype)
+        tokens = tokens * (1 - w) + self.mask_token.to(tokens.dtype) * w
+        positions = self.encoder.pos_embed[:, self.encoder.num_prefix_tokens :][:, self.image_idx]
+        images = tokens[:, self.image_idx] + self.segment_image + positions
+        outputs = tokens[:, self.output_idx] + self.segment_output + positions
+        x = self.encoder.with_prefix(torch.cat([images, outputs], dim=0))
+
+        def merge_after(i: int, block: nn.Module, h: torch.Tensor) -> torch.Tensor:
+            h = block(h)
+            return (h[:b] + h[b:]) * 0.5 if i == self.merge_block else h
+
+        _, taps = self.encoder.run_blocks(x, merge_after, taps=tuple(self.levels))
+        prefix = self.encoder.num_prefix_tokens
+        return torch.cat([self.encoder.norm(taps[i])[:, prefix:] for i in self.levels], dim=-1)
+
+    def predict_outputs(self, canvases: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The painted output column (B, 3, side, side / 2) of ``canvases`` with ``mask`` hidden."""
+        return self.head(self.encode(canvases, mask), self.stream_grid)
+
     def paint(self, canvases: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Predicted canvases (B, 3, side, side) for ``canvases`` with patches ``mask`` (B, L) hidden."""
-        keep = ids_keep(mask)
-        pred = self.decoder(self.encoder.forward_visible(canvases, keep), keep)
-        return unpatchify(pred, self.patch_size, self.encoder.grid_size)
+        """Canvases (B, 3, side, side) whose masked output patches are painted; the rest as given."""
+        painted = patchify(self.predict_outputs(canvases, mask), self.patch_size)
+        patches = patchify(canvases, self.patch_size).clone()
+        hidden = mask[:, self.output_idx, None]
+        patches[:, self.output_idx] = torch.where(
+            hidden, painted.to(patches.dtype), patches[:, self.output_idx]
+        )
+        return unpatchify(patches, self.patch_size, self.encoder.grid_size)
 
     def forward(self, batch: dict, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Paint the masked patches of canvases stitched from ``batch``.
+        """Paint the masked output patches of canvases stitched from ``batch``.
 
         Args:
             batch: ``image`` (B, 3, side, side) and, for the mask-based tasks, ``mask`` (B, side, side).
             mask: optional (B, L) bool, True = masked; from the mask generator when not given.
 
         Returns:
-            ``loss`` (scalar), ``canvas`` (B, 3, side, side), ``pred`` (B, L, p*p*3) (zeros at
-            visible patches) and ``patch_mask`` (B, L).
+            ``loss`` (scalar: smooth-L1 over the pixels of the masked output patches; hidden
+            input patches are not predicted, as in Painter), ``canvas`` (B, 3, side, side),
+            ``pred`` (B, L, p*p*3) (zeros except at masked output patches) and ``patch_mask``.
         """
         canvases = self.build_canvases(batch)
         if mask is None:
             mask = self.draw_mask(canvases.shape[0], canvases.device)
-        keep = ids_keep(mask)
-        features = self.decoder.forward_features(self.encoder.forward_visible(canvases, keep), keep)
-        pred = self.decoder.head(features, mask)  # (B, M, p*p*3), masked patches only
-        target = select_patches(patchify(canvases, self.patch_size), mask)
-        loss = F.smooth_l1_loss(pred.float(), target.float(), beta=self.smooth_l1_beta)
-        full = torch.zeros(*mask.shape, pred.shape[-1], dtype=pred.dtype, device=pred.device)
-        full[mask] = pred.detach().reshape(-1, pred.shape[-1])
+        painted = patchify(self.predict_outputs(canvases, mask), self.patch_size)  # (B, L/2, p*p*3)
+        target = patchify(canvases, self.patch_size)[:, self.output_idx]
+        hidden = mask[:, self.output_idx]
+        loss = F.smooth_l1_loss(painted[hidden].float(), target[hidden].float(), beta=self.smooth_l1_beta)
+        full = torch.zeros(*mask.shape, painted.shape[-1], dtype=painted.dtype, device=painted.device)
+        full[:, self.output_idx] = torch.where(hidden[..., None], painted.detach(), 0.0)
         return {"loss": loss, "canvas": canvases, "pred": full, "patch_mask": mask}

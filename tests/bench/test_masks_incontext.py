@@ -1,7 +1,9 @@
-"""``benchmark.py masks`` and ``benchmark.py incontext`` at tiny sizes, through their ``run``."""
+"""``benchmark.py masks`` and ``benchmark.py incontext`` (retrieval and ``--prompt``) at tiny sizes, through
+their ``run``."""
 
 import argparse
 import json
+from pathlib import Path
 
 import pytest
 
@@ -71,3 +73,54 @@ def test_incontext_errors():
         incontext.run(_args(incontext, ["--dim", "0"]))
     with pytest.raises(ValueError, match="valid: cpu, cuda"):
         incontext.run(_args(incontext, ["--device", "tpu7", "--memory-sizes", "100"]))
+
+
+def _tiny_recipe(tmp_path, recipe: str) -> str:
+    from mimkit.train import load_recipe
+    from tests.helpers import REPO
+
+    overrides = ["method.backbone.img_size=32", "method.backbone.depth=1", "method.decoder_dim=8"]
+    overrides += ["method.merge_block=0"] if "painter" in recipe else ["method.decoder_depth=1"]
+    path = tmp_path / Path(recipe).name
+    path.write_text(load_recipe(REPO / recipe, overrides, check_data=False).dump())
+    return str(path)
+
+
+def test_incontext_prompt_paints_every_canvas_once_per_timed_run(tmp_path, monkeypatch, capsys):
+    import mimkit.eval.prompting as prompting
+
+    painted = []
+    real_paint = prompting.paint
+
+    def counting_paint(method, canvases, mask):
+        assert mask.sum(1).eq(mask.shape[1] // 4).all()  # exactly the answer quadrant is hidden
+        painted.append(len(canvases))
+        return real_paint(method, canvases, mask)
+
+    monkeypatch.setattr(prompting, "paint", counting_paint)
+    recipes = [_tiny_recipe(tmp_path, r) for r in incontext.PROMPT_RECIPES]
+    argv = ["--prompt", "--recipes", *recipes, "--canvases", "10", "--batch-size", "4", "--repeat", "2"]
+    res = json.loads(json.dumps(incontext.run(_args(incontext, argv))))
+    assert res["benchmark"] == "incontext --prompt" and res["options"]["canvases"] == 10
+    assert [r["method"] for r in res["results"]] == ["painter", "mae"]
+    # per recipe: one canvas batch to build the timed canvases, then for the tool's path and the bare
+    # forward each a warm-up batch of 4 and two timed passes over 4 + 4 + 2
+    assert painted == [4, *[4, 4, 4, 2, 4, 4, 2] * 2] * 2
+    for r in res["results"]:
+        assert r["side"] == 32 and r["grid"] == [4, 4] and r["batch_size"] == 4
+        assert r["canvases_per_s"] == pytest.approx(10 / r["seconds"])
+        assert r["ratio"] == pytest.approx(r["seconds"] / r["forward_seconds"])
+    assert "canvases_per_s" in capsys.readouterr().out
+
+
+def test_incontext_prompt_refuses_bad_settings(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such file nothing.yaml"):
+        incontext.run(_args(incontext, ["--prompt", "--recipes", "nothing.yaml"]))
+    with pytest.raises(ValueError, match="--canvases must be positive"):
+        incontext.run(_args(incontext, ["--prompt", "--canvases", "0"]))
+    with pytest.raises(ValueError, match=r"norm_pix_loss.*method\.norm_pix_loss=false"):
+        incontext.run(
+            _args(
+                incontext, ["--prompt", "--recipes", _tiny_recipe(tmp_path, "recipes/demo/mae_vit_tiny.yaml")]
+            )
+        )

@@ -24,6 +24,12 @@ TINY_OVERRIDES = (
     "method.decoder_depth=1",
     "method.decoder_dim=32",
 )
+TINY_PAINTER = (
+    "method.backbone.img_size=32",
+    "method.backbone.depth=1",
+    "method.merge_block=0",
+    "method.decoder_dim=8",
+)
 
 
 class CopySupportLabel(nn.Module):
@@ -97,7 +103,7 @@ def test_result_fields_and_random_init(tmp_path):
 def test_cli_end_to_end_on_tiny_data(tmp_path, capsys):
     from mimkit.cli.main import main
 
-    run = _run_dir(tmp_path, "recipes/demo/painter_vit_tiny.yaml", *TINY_OVERRIDES)
+    run = _run_dir(tmp_path, "recipes/demo/painter_vit_tiny.yaml", *TINY_PAINTER)
     out_json, out_png = tmp_path / "prompt.json", tmp_path / "prompt.png"
     code = main(
         ["prompt", "--run", str(run), "--train", SOURCE, "--vs-random", "--shots", "2",
@@ -119,3 +125,39 @@ def test_cli_refuses_norm_pix_run(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--run", str(run), "--train", SOURCE])
     assert "method.norm_pix_loss=false" in capsys.readouterr().err
+
+
+def test_incontext_prompt_subcommand_is_the_prompting_tool(tmp_path, capsys):
+    from mimkit.cli.incontext import main
+
+    run = _run_dir(tmp_path, "recipes/demo/mae_rawpix_vit_tiny.yaml", *TINY_OVERRIDES)
+    out_json = tmp_path / "prompt.json"
+    argv = ["prompt", "--run", str(run), "--train", SOURCE, "--task", "fg", "--num-queries", "4",
+            "--json", str(out_json), "--no-progress", "--device", "cpu"]  # fmt: skip
+    assert main(argv, prog="incontext") == 0
+    res = json.loads(out_json.read_text())
+    assert res["tool"] == "prompt" and list(res["results"]) == ["fg"] and res["data"]["num_queries"] == 4
+    norm_pix = _run_dir(tmp_path, "recipes/demo/mae_vit_tiny.yaml", weights=False)
+    with pytest.raises(SystemExit):
+        main(["prompt", "--run", str(norm_pix), "--train", SOURCE], prog="incontext")
+    err = capsys.readouterr().err
+    assert "incontext prompt: error" in err and "method.norm_pix_loss=false" in err
+    with pytest.raises(SystemExit):
+        main(["--help"], prog="incontext")
+    assert "{seg,cls,prompt}" in capsys.readouterr().out
+
+
+def test_a_converted_official_mae_with_its_decoder_paints(tmp_path):
+    from mimkit.interop import convert_checkpoint
+    from tests.interop import HEADS, official_mae
+
+    ckpt = tmp_path / "mae_visualize.pth"
+    torch.save({"model": official_mae()}, ckpt)
+    options = dict(keep_decoder=True, num_heads=HEADS, decoder_heads=2)
+    convert_checkpoint(ckpt, tmp_path / "plain", "mae", norm_pix_loss=False, **options)
+    res = prompt_segmentation(tmp_path / "plain", SOURCE, tasks=("fg",), num_queries=4, progress=False)
+    assert res["settings"]["method"] == "mae" and res["settings"]["canvas"]["side"] == 32
+    assert 0.0 <= res["results"]["fg"]["fg_iou"] <= 100.0
+    convert_checkpoint(ckpt, tmp_path / "normpix", "mae", norm_pix_loss=True, **options)
+    with pytest.raises(ValueError, match=r"method\.norm_pix_loss=false"):
+        prompt_segmentation(tmp_path / "normpix", SOURCE, progress=False)

@@ -17,9 +17,8 @@ from tests.helpers import REPO
 TINY = {
     "name": "painter",
     "backbone": {"name": "vit_tiny_patch16", "img_size": 32, "patch_size": 8, "depth": 2},
-    "decoder_dim": 64,
-    "decoder_depth": 1,
-    "decoder_heads": 4,
+    "decoder_dim": 16,
+    "merge_block": 0,
 }
 
 
@@ -154,8 +153,6 @@ def test_painter_needs_masks_for_mask_tasks_and_names_them():
     "recipe", ["recipes/demo/painter_vit_tiny.yaml", "recipes/painter/vit_large_patch16.yaml"]
 )
 def test_painter_recipes_validate(recipe):
-    import mimkit.eval.seg_data  # noqa: F401  (registers ade20k:)
-
     r = load_recipe(REPO / recipe, check_data=False)
     assert r.method.name == "painter"
 
@@ -172,3 +169,49 @@ def test_foreground_canvases_pair_images_that_hold_the_class():
         cv.denormalize(cv.crop_cell(canvas, "support_output", 0), model.normalization)
     )
     assert (answer.sum((1, 2)) > 0).all() and (support.sum((1, 2)) > 0).all()
+
+
+def _tiny_painter(**options):
+    torch.manual_seed(0)
+    cfg = {**TINY, "backbone": {**TINY["backbone"], "depth": 8}, "merge_block": 1, **options}
+    return build_method(cfg).eval()
+
+
+def test_streams_run_as_one_batch_until_merge_block_then_as_one_averaged_sequence():
+    model = _tiny_painter()
+    seen = []
+    hooks = [
+        blk.register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape)))
+        for blk in model.encoder.blocks
+    ]
+    canvases = torch.randn(3, 3, 32, 32)
+    mask = cv.answer_patch_mask(model.encoder.grid_size).expand(3, -1)
+    with torch.no_grad():
+        model.paint(canvases, mask)
+    for h in hooks:
+        h.remove()
+    dim = model.encoder.embed_dim
+    # 16 canvas patches: 8 per stream, plus the cls token; blocks 0 and 1 see both streams
+    assert seen == [(6, 9, dim)] * 2 + [(3, 9, dim)] * 6
+    assert model.levels == [1, 3, 5, 7]
+    with pytest.raises(ValueError, match=r"merge_block=3 must be in \[0, 0\]"):
+        build_method({**TINY, "merge_block": 3})
+
+
+def test_paint_keeps_visible_patches_and_never_sees_the_hidden_answer():
+    model = _tiny_painter()
+    canvases = torch.randn(2, 3, 32, 32)
+    mask = cv.answer_patch_mask(model.encoder.grid_size).expand(2, -1)
+    other = canvases.clone()
+    other[..., 16:, 16:] = torch.randn(2, 3, 16, 16)  # another answer under the mask
+    with torch.no_grad():
+        painted, painted_other = model.paint(canvases, mask), model.paint(other, mask)
+    outside = torch.ones(32, 32, dtype=torch.bool)
+    outside[16:, 16:] = False
+    assert torch.equal(painted[..., outside], canvases[..., outside])
+    assert not torch.allclose(painted[..., 16:, 16:], canvases[..., 16:, 16:])
+    torch.testing.assert_close(painted[..., 16:, 16:], painted_other[..., 16:, 16:])
+    # and the loss is on the hidden outputs only: a perfect prediction there scores zero
+    batch = {"image": torch.randn(2, 3, 32, 32), "mask": torch.randint(0, 4, (2, 32, 32))}
+    out = model(batch, mask=mask)
+    assert out["pred"][:, ~mask[0]].abs().sum() == 0 and out["pred"][:, mask[0]].abs().sum() > 0
