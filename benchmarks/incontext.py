@@ -16,6 +16,7 @@ with the same mask: ``ratio`` near 1 means painting costs one forward and nothin
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import time
 from pathlib import Path
@@ -129,6 +130,20 @@ def run(args: argparse.Namespace) -> dict:
     return {"benchmark": "incontext", "options": options, "machine": machine, "results": rows}
 
 
+def best_seconds(run, repeats: int, device: torch.device) -> float:
+    """The shortest of ``repeats`` timed calls of ``run()`` (CUDA work synchronised around each)."""
+    best = math.inf
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        run()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def benchmark_incontext(
     memory_sizes: tuple[int, ...] = (10_000, 100_000, 1_000_000),
     *,
@@ -165,15 +180,7 @@ def benchmark_incontext(
         memory = MemoryBank(keys[:size], values[:size])
         call = dict(k=k, temperature=temperature, query_chunk=query_chunk, key_chunk=key_chunk)
         patch_distributions(queries[: min(256, num_queries)], memory, **call)  # warm-up
-        best = math.inf
-        for _ in range(repeats):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
-            patch_distributions(queries, memory, **call)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            best = min(best, time.perf_counter() - t0)
+        best = best_seconds(functools.partial(patch_distributions, queries, memory, **call), repeats, device)
         out.append(
             {
                 "memory_size": size, "dim": dim, "num_queries": num_queries, "k": k, "key_dtype": key_dtype,
@@ -260,17 +267,7 @@ def benchmark_prompt(
 
     def best_of(step) -> float:
         step(batches[0])  # warm-up
-        best = math.inf
-        for _ in range(repeats):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
-            for n in batches:
-                step(n)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            best = min(best, time.perf_counter() - t0)
-        return best
+        return best_seconds(lambda: [step(n) for n in batches], repeats, device)
 
     seconds, forward_seconds = best_of(prompt_batch), best_of(forward_batch)
     return {
