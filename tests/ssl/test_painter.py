@@ -215,3 +215,32 @@ def test_paint_keeps_visible_patches_and_never_sees_the_hidden_answer():
     batch = {"image": torch.randn(2, 3, 32, 32), "mask": torch.randint(0, 4, (2, 32, 32))}
     out = model(batch, mask=mask)
     assert out["pred"][:, ~mask[0]].abs().sum() == 0 and out["pred"][:, mask[0]].abs().sum() > 0
+
+
+@pytest.mark.parametrize("band", [(0, 1), (1, 3), (2, 4), (0, 4), (3, 4)])
+def test_head_painting_a_band_of_rows_equals_the_whole_paintings_crop(band):
+    model = _tiny_painter(decoder_dim=8)
+    rows, cols = 4, 2
+    tokens = torch.randn(2, rows * cols, model.head.embed.in_features)
+    with torch.no_grad():
+        whole = model.head(tokens, (rows, cols))
+        part = model.head(tokens, (rows, cols), band)
+    p = model.patch_size
+    torch.testing.assert_close(part, whole[:, :, band[0] * p : band[1] * p])
+    with pytest.raises(ValueError, match="0 <= first < stop <= 4"):
+        model.head(tokens, (rows, cols), (2, 5))
+
+
+def test_paint_equals_the_whole_output_columns_prediction_at_masked_patches():
+    model = _tiny_painter()
+    canvases = torch.randn(3, 3, 32, 32)
+    gen = torch.Generator().manual_seed(1)
+    mask = CanvasMasking(0.25, 1.0, 0.0).sample(3, model.encoder.grid_size, gen)
+    with torch.no_grad():
+        painted = model.paint(canvases, mask)
+        column = model.predict_outputs(canvases, mask)  # (B, 3, 32, 16): every output patch
+    pixels = mask.view(3, 4, 4).repeat_interleave(8, 1).repeat_interleave(8, 2)[:, None].expand(-1, 3, -1, -1)
+    expected = torch.where(pixels[..., 16:], column, canvases[..., 16:])
+    torch.testing.assert_close(painted[..., 16:], expected)
+    assert torch.equal(painted[..., :16], canvases[..., :16])
+    assert torch.equal(model.paint(canvases, torch.zeros_like(mask)), canvases)
