@@ -32,8 +32,9 @@ setup(
     ],
     extras_require={
         "tensorboard": ["tensorboard>=2.14"],  # run.loggers: [tensorboard]
+        "hf": ["datasets>=2.14"],  # data.source: hf:PATH (a dataset saved with save_to_disk)
         "wandb": ["wandb>=0.17"],  # run.loggers: [wandb]
-        "dev": ["pytest>=8", "ruff>=0.6", "tensorboard>=2.14", "wandb>=0.17"],
+        "dev": ["pytest>=8", "ruff>=0.6", "tensorboard>=2.14", "wandb>=0.17", "datasets>=2.14"],
     },
     entry_points={"console_scripts": ["mimkit=mimkit.cli.main:main"]},
 )

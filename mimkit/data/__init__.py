@@ -2,6 +2,7 @@
 
 from mimkit.data.bad import BadSampleWarning
 from mimkit.data.folder import IMAGE_EXTENSIONS, ImageFolderSource, load_image
+from mimkit.data.hf import HuggingFaceSource
 from mimkit.data.sample import SPLITS, make_sample
 from mimkit.data.shards import write_shards
 from mimkit.data.sources import SOURCE_SCHEMES, build_source, register_scheme
@@ -43,6 +44,7 @@ __all__ = [
     "TRANSFORM_KINDS",
     "WebDatasetSource",
     "ImageFolderSource",
+    "HuggingFaceSource",
     "Normalization",
     "ToChannels",
     "Scene",

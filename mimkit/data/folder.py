@@ -26,11 +26,13 @@ dropped (a pixel keeps its stored colour), palettes are expanded, and 16-bit gre
 
 from __future__ import annotations
 
+import io
 import os
 import random
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,21 +53,47 @@ _WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 Sample = tuple[str, int | None]
 
 
-def load_image(path: str | os.PathLike) -> torch.Tensor:
-    """Decode an image file to RGB uint8 (3, H, W); a file that fails raises a ValueError naming it.
+def load_image(source: str | os.PathLike | bytes, name: str | None = None) -> torch.Tensor:
+    """Decode an image file, or an encoded image's bytes, to RGB uint8 (3, H, W); an image that
+    fails raises a ValueError naming it (``name``, else the path).
 
     The pixels are decoded in full here, so a file cut short fails now rather than decoding
     partially: PIL's ``ImageFile.LOAD_TRUNCATED_IMAGES`` must stay False for that (mimkit never sets
     it; :func:`_warn_if_truncated_images_load` says so when other code has).
     """
     _warn_if_truncated_images_load()
+    is_bytes = isinstance(source, (bytes, bytearray, memoryview))
     try:
-        with Image.open(path) as img:
+        with Image.open(io.BytesIO(source) if is_bytes else source) as img:
             img.load()
             rgb = _to_rgb(img)
     except Exception as err:  # PIL raises OSError, SyntaxError, ValueError... depending on the codec
-        raise ValueError(f"cannot decode image file {path}: {err}") from err
+        what = name or ("image bytes" if is_bytes else f"image file {source}")
+        raise ValueError(f"cannot decode {what}: {err}") from err
     return F.pil_to_tensor(rgb)
+
+
+def read_or_replace(index: int, length: int, read: Callable[[int], Any], counts: SampleCounts, where: str):
+    """``read(index)``, or where it raises a ValueError (an image that does not decode), ``read`` of
+    a replacement: up to :data:`MAX_REPLACEMENTS` indices drawn from a generator seeded by ``index``
+    alone, so an epoch reads the same images whatever the workers, and a run of damaged neighbours
+    (a folder copied halfway) costs no more than scattered damage. Every failed attempt counts as
+    bad in ``counts``, which keeps ``bad / (good + bad)`` the share of damaged images. ``where``
+    names the image at ``index`` in the error raised when no candidate decodes.
+    """
+    draw = random.Random(index)
+    for attempt in range(1 + MAX_REPLACEMENTS):
+        try:
+            value = read(index if attempt == 0 else draw.randrange(length))
+        except ValueError as err:
+            counts.skipped(1, f"{err}; skipped, an image drawn at random is read in its place")
+            continue
+        counts.delivered()
+        return value
+    raise ValueError(
+        f"none of {1 + MAX_REPLACEMENTS} images tried for {where} (it and {MAX_REPLACEMENTS} drawn at "
+        "random) can be decoded; is the data readable? (the warnings above name each image)"
+    )
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -228,36 +256,15 @@ class ImageFolderSource(Dataset):
         return make_sample(image, label=label, transform=self.transform)
 
     def _decode_from(self, index: int) -> tuple[torch.Tensor, int | None]:
-        """The image and label at ``index``, or, where it fails to decode, of a replacement.
+        """The image and label at ``index``, or, where it fails to decode, of a replacement
+        (:func:`read_or_replace`)."""
 
-        Replacements are drawn at random from a generator seeded by ``index`` alone, so the same
-        epoch reads the same images whatever the workers, and a run of damaged neighbours (a folder
-        copied halfway) costs no more than scattered damage. Every failed attempt is a read that
-        counts as bad, which keeps ``bad / (good + bad)`` the share of damaged files.
-        """
-        tried = 0
-        for candidate in self._candidates(index):
-            tried += 1
-            path, label = self.samples[candidate]
-            try:
-                image = load_image(path)
-            except ValueError as err:
-                self.counts.skipped(1, f"{err}; skipped, an image drawn at random is read in its place")
-                continue
-            self.counts.delivered()
-            return image, label
-        raise ValueError(
-            f"none of {tried} images tried for index {index} of {self.root} ({self.samples[index][0]} and "
-            f"{tried - 1} drawn at random) can be decoded; is the folder readable? (the warnings above "
-            "name each file)"
-        )
+        def read(i: int) -> tuple[torch.Tensor, int | None]:
+            path, label = self.samples[i]
+            return load_image(path), label
 
-    def _candidates(self, index: int) -> Iterator[int]:
-        """``index``, then :data:`MAX_REPLACEMENTS` indices drawn by a generator seeded by it."""
-        yield index
-        draw = random.Random(index)
-        for _ in range(MAX_REPLACEMENTS):
-            yield draw.randrange(len(self.samples))
+        where = f"index {index} of {self.root} ({self.samples[index][0]})"
+        return read_or_replace(index, len(self.samples), read, self.counts, where)
 
     def __repr__(self) -> str:
         classes = f"classes={len(self.class_names)}" if self.class_names else "unlabelled"

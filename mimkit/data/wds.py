@@ -84,6 +84,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from torchvision.transforms.v2 import functional as F
 
 from mimkit.data.bad import BadSampleWarning, SampleCounts
+from mimkit.data.folder import load_image
 from mimkit.data.sample import Transform, check_split, make_sample
 from mimkit.data.shards import IMAGE_MEMBERS, INDEX_FORMAT, close_stream, shard_contents
 from mimkit.data.sources import register_scheme
@@ -317,11 +318,6 @@ def _describe(exn: BaseException) -> str:
     if exited:
         return f"{exited[1]} exited with status {exited[2]}"
     return f"{type(exn).__name__}: {text.split(' @ ')[0]}"
-
-
-def _decode_rgb(data: bytes) -> torch.Tensor:
-    with Image.open(io.BytesIO(data)) as img:
-        return F.pil_to_tensor(img.convert("RGB"))
 
 
 def _decode_mask(data: bytes) -> torch.Tensor:
@@ -561,7 +557,7 @@ class WebDatasetSource(IterableDataset):
         try:
             if image_key is None:
                 raise ValueError(f"no image among the members {sorted(raw)}")
-            image = _decode_rgb(raw[image_key])
+            image = load_image(raw[image_key], name)  # the modes converted as folder: converts them
             label = int(raw["cls"].decode()) if "cls" in raw else None
             mask = _decode_mask(raw["seg.png"]) if "seg.png" in raw else None
         except Exception as err:  # PIL raises OSError, SyntaxError, ValueError... depending on the codec

@@ -394,27 +394,34 @@ class Painter(MaskedImageModel):
         prefix = self.encoder.num_prefix_tokens
         return torch.cat([self.encoder.norm(taps[i])[:, prefix:] for i in self.levels], dim=-1)
 
-    def predict_outputs(self, canvases: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The painted output column (B, 3, side, side / 2) of ``canvases`` with ``mask`` hidden."""
-        return self.head(self.encode(canvases, mask), self.stream_grid)
+    def predict_outputs(
+        self, canvases: torch.Tensor, mask: torch.Tensor, rows: tuple[int, int] | None = None
+    ) -> torch.Tensor:
+        """The painted output column (B, 3, side, side / 2) of ``canvases`` with ``mask`` hidden;
+        with ``rows = (first, stop)`` only that band of token rows (see :class:`PainterHead`)."""
+        return self.head(self.encode(canvases, mask), self.stream_grid, rows)
+
+    def hidden_rows(self, mask: torch.Tensor) -> tuple[int, int] | None:
+        """``(first, stop)``: the band of output-stream token rows holding every masked output
+        patch of the batch (the answer quadrant: the bottom half); None when none is masked. Only
+        these rows are painted: the head is about 40% of a ViT-Ti/8 forward here."""
+        rows, cols = self.stream_grid
+        masked = mask[:, self.output_idx].view(-1, rows, cols).any(dim=2).any(dim=0).nonzero()[:, 0]
+        return (int(masked[0]), int(masked[-1]) + 1) if len(masked) else None
 
     def paint(self, canvases: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Canvases (B, 3, side, side) whose masked output patches are painted; the rest as given.
-
-        The head paints only the band of token rows holding masked output patches (the answer
-        quadrant: the bottom half), which for the inference mask costs 5/8 of a whole column.
-        """
+        """Canvases (B, 3, side, side) whose masked output patches are painted; the rest as given."""
         b, p, (rows, cols) = canvases.shape[0], self.patch_size, self.stream_grid
-        hidden = mask[:, self.output_idx].view(b, rows, cols)
         painted = canvases.clone()
-        hidden_rows = hidden.any(dim=2).any(dim=0).nonzero()[:, 0]
-        if not len(hidden_rows):
+        band = self.hidden_rows(mask)
+        if band is None:
             return painted
-        first, stop = int(hidden_rows[0]), int(hidden_rows[-1]) + 1
-        pred = self.head(self.encode(canvases, mask), self.stream_grid, (first, stop))
-        band = painted[:, :, first * p : stop * p, painted.shape[-1] - cols * p :]
-        pixels = hidden[:, first:stop].repeat_interleave(p, dim=1).repeat_interleave(p, dim=2)
-        band.copy_(torch.where(pixels[:, None], pred.to(band.dtype), band))
+        first, stop = band
+        pred = self.predict_outputs(canvases, mask, band)
+        region = painted[:, :, first * p : stop * p, painted.shape[-1] - cols * p :]
+        hidden = mask[:, self.output_idx].view(b, rows, cols)[:, first:stop]
+        pixels = hidden.repeat_interleave(p, dim=1).repeat_interleave(p, dim=2)
+        region.copy_(torch.where(pixels[:, None], pred.to(region.dtype), region))
         return painted
 
     def forward(self, batch: dict, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -432,10 +439,13 @@ class Painter(MaskedImageModel):
         canvases = self.build_canvases(batch)
         if mask is None:
             mask = self.draw_mask(canvases.shape[0], canvases.device)
-        painted = patchify(self.predict_outputs(canvases, mask), self.patch_size)  # (B, L/2, p*p*3)
-        target = patchify(canvases, self.patch_size)[:, self.output_idx]
-        hidden = mask[:, self.output_idx]
+        rows, cols = self.stream_grid
+        first, stop = self.hidden_rows(mask) or (0, rows)
+        painted = patchify(self.predict_outputs(canvases, mask, (first, stop)), self.patch_size)
+        output_idx = self.output_idx.view(rows, cols)[first:stop].reshape(-1)  # the painted patches
+        target = patchify(canvases, self.patch_size)[:, output_idx]
+        hidden = mask[:, output_idx]
         loss = F.smooth_l1_loss(painted[hidden].float(), target[hidden].float(), beta=self.smooth_l1_beta)
         full = torch.zeros(*mask.shape, painted.shape[-1], dtype=painted.dtype, device=painted.device)
-        full[:, self.output_idx] = torch.where(hidden[..., None], painted.detach(), 0.0)
+        full[:, output_idx] = torch.where(hidden[..., None], painted.detach(), 0.0)
         return {"loss": loss, "canvas": canvases, "pred": full, "patch_mask": mask}

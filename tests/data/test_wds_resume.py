@@ -102,17 +102,17 @@ def test_trainer_stream_resumes_exactly_over_workers(index, workers, rank, world
 
 def test_fast_forward_opens_no_skipped_shard_and_decodes_no_skipped_sample(index, monkeypatch):
     decoded, opened = [], []
-    decode, read_shard = wds_source._decode_rgb, WebDatasetSource._read_shard
+    decode, read_shard = wds_source.load_image, WebDatasetSource._read_shard
 
-    def counting_decode(data):
+    def counting_decode(data, name=None):
         decoded.append(1)
-        return decode(data)
+        return decode(data, name)
 
     def recording_read(self, shard, *skip):
         opened.append(shard.url)
         return read_shard(self, shard, *skip)
 
-    monkeypatch.setattr(wds_source, "_decode_rgb", counting_decode)
+    monkeypatch.setattr(wds_source, "load_image", counting_decode)
     monkeypatch.setattr(WebDatasetSource, "_read_shard", recording_read)
     total, start = 30, 2 * SHARD_SIZE + 2
 

@@ -11,6 +11,7 @@ from mimkit.ssl import build_method
 from mimkit.ssl import canvas as cv
 from mimkit.ssl.masking import build as build_mask
 from mimkit.ssl.painter import CanvasMasking, foreground_of
+from mimkit.ssl.targets import patchify
 from mimkit.train import load_recipe
 from tests.helpers import REPO
 
@@ -244,3 +245,23 @@ def test_paint_equals_the_whole_output_columns_prediction_at_masked_patches():
     torch.testing.assert_close(painted[..., 16:], expected)
     assert torch.equal(painted[..., :16], canvases[..., :16])
     assert torch.equal(model.paint(canvases, torch.zeros_like(mask)), canvases)
+
+
+@pytest.mark.parametrize("answer_prob", [0.0, 1.0])
+def test_training_loss_on_the_painted_band_equals_the_loss_on_the_whole_column(answer_prob):
+    model = _tiny_painter()
+    torch.manual_seed(2)
+    batch = {"image": torch.randn(3, 3, 32, 32), "mask": torch.randint(0, 4, (3, 32, 32))}
+    gen = torch.Generator().manual_seed(3)
+    mask = CanvasMasking(0.25, 1.0, answer_prob).sample(3, model.encoder.grid_size, gen)
+    torch.manual_seed(4)  # the same tasks and partners in both canvases
+    out = model(batch, mask=mask)
+    torch.manual_seed(4)
+    canvases = model.build_canvases(batch)
+    column = model.predict_outputs(canvases, mask)  # every output patch painted
+    hidden = mask[:, model.output_idx]
+    pred = patchify(column, 8)[hidden]
+    target = patchify(canvases, 8)[:, model.output_idx][hidden]
+    expected = torch.nn.functional.smooth_l1_loss(pred, target, beta=model.smooth_l1_beta)
+    torch.testing.assert_close(out["loss"], expected)
+    torch.testing.assert_close(out["pred"][:, model.output_idx][hidden], pred.detach())
