@@ -210,9 +210,13 @@ class PainterHead(nn.Module):
         if not 0 <= first < stop <= num_rows:
             raise ValueError(f"rows {rows!r} must satisfy 0 <= first < stop <= {num_rows}")
         lo, hi = max(first - 1, 0), min(stop + 1, num_rows)
-        x = self.embed(tokens.view(b, num_rows, cols, -1)[:, lo:hi])
-        x = x.view(b, hi - lo, cols, p, p, self.decoder_dim)
-        x = torch.einsum("nhwpqc->nchpwq", x).reshape(b, self.decoder_dim, (hi - lo) * p, cols * p)
+        # a contiguous 2-D input: the strided 4-D slice ran as a batched matmul at half the speed
+        band = tokens.view(b, num_rows, cols, -1)[:, lo:hi].reshape(b * (hi - lo) * cols, -1)
+        x = self.embed(band).view(b, hi - lo, cols, p, p, self.decoder_dim)
+        # laid out channels-last (N, H, W, C), viewed as NCHW: the convs and timm's LayerNorm2d
+        # (which permutes to channels-last and back) then run without copies
+        x = x.permute(0, 1, 3, 2, 4, 5).reshape(b, (hi - lo) * p, cols * p, self.decoder_dim)
+        x = x.permute(0, 3, 1, 2)
         above, below = int(first > lo), int(hi > stop)  # one halo pixel row where a neighbour exists
         top = (first - lo) * p - above
         x = self.pred(x[:, :, top : top + (stop - first) * p + above + below])
