@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl
 
 import torch
 from torch.utils.data import Dataset
@@ -159,10 +160,11 @@ class HuggingFaceSource(Dataset):
 
 def _parse_options(query: str, spec: str) -> dict[str, str]:
     options: dict[str, str] = {}
-    for item in filter(None, query.split("&")):
-        key, sep, value = item.partition("=")
-        if not sep or key not in OPTIONS or not value:
-            raise ValueError(f"bad option {item!r} in hf:{spec}; valid options: image=NAME, label=NAME|none")
+    for key, value in parse_qsl(query, keep_blank_values=True):  # as wds: reads its options
+        if key not in OPTIONS or not value:
+            raise ValueError(
+                f"bad option {key}={value!r} in hf:{spec}; valid options: image=NAME, label=NAME|none"
+            )
         options[key] = value
     return options
 

@@ -137,7 +137,7 @@ def test_bad_paths_columns_and_options_name_the_valid_ones(labelled, tmp_path):
         build_source(f"hf:{labelled}?image=photo")
     with pytest.raises(ValueError, match="column 'note' is Value, not ClassLabel .*ClassLabel columns: kind"):
         build_source(f"hf:{labelled}?label=note")
-    with pytest.raises(ValueError, match="bad option 'size=3' .*valid options: image=NAME, label=NAME"):
+    with pytest.raises(ValueError, match="bad option size='3' .*valid options: image=NAME, label=NAME"):
         build_source(f"hf:{labelled}?size=3")
     with pytest.raises(ValueError, match="hf: needs the directory"):
         build_source("hf:")
