@@ -203,23 +203,33 @@ class PainterHead(nn.Module):
 
         ``rows = (first, stop)`` paints only the token rows ``first..stop - 1``, (B, out_chans,
         (stop - first) * p, cols * p), exactly as the full painting's crop: the 3x3 conv's
-        one-pixel border comes from the neighbouring rows, which are embedded but not painted.
+        one-pixel border comes from the neighbouring token rows, of which only the pixel row
+        touching the band is embedded.
         """
-        b, p, (num_rows, cols) = tokens.shape[0], self.patch_size, grid
+        b, p, d, (num_rows, cols) = tokens.shape[0], self.patch_size, self.decoder_dim, grid
         first, stop = rows if rows is not None else (0, num_rows)
         if not 0 <= first < stop <= num_rows:
             raise ValueError(f"rows {rows!r} must satisfy 0 <= first < stop <= {num_rows}")
-        lo, hi = max(first - 1, 0), min(stop + 1, num_rows)
-        # a contiguous 2-D input: the strided 4-D slice ran as a batched matmul at half the speed
-        band = tokens.view(b, num_rows, cols, -1)[:, lo:hi].reshape(b * (hi - lo) * cols, -1)
-        x = self.embed(band).view(b, hi - lo, cols, p, p, self.decoder_dim)
+        above, below = int(first > 0), int(stop < num_rows)  # a halo pixel row where a neighbour exists
+        token_rows = tokens.view(b, num_rows, cols, -1)
         # laid out channels-last (N, H, W, C), viewed as NCHW: the convs and timm's LayerNorm2d
         # (which permutes to channels-last and back) then run without copies
-        x = x.permute(0, 1, 3, 2, 4, 5).reshape(b, (hi - lo) * p, cols * p, self.decoder_dim)
-        x = x.permute(0, 3, 1, 2)
-        above, below = int(first > lo), int(hi > stop)  # one halo pixel row where a neighbour exists
-        top = (first - lo) * p - above
-        x = self.pred(x[:, :, top : top + (stop - first) * p + above + below])
+        x = tokens.new_empty(b, (stop - first) * p + above + below, cols * p, d)
+        pieces = [(first, stop, 0, p, above)]  # token rows, pixel rows of each patch, first row of x
+        if above:
+            pieces.append((first - 1, first, p - 1, p, 0))
+        if below:
+            pieces.append((stop, stop + 1, 0, 1, x.shape[1] - 1))
+        for lo, hi, top, bottom, at in pieces:
+            k, n = bottom - top, hi - lo
+            # a contiguous 2-D input: a strided 4-D one ran as a batched matmul at half the speed
+            band = token_rows[:, lo:hi].reshape(b * n * cols, -1)
+            weight = self.embed.weight[top * p * d : bottom * p * d]  # output order: (row, column, channel)
+            pixels = F.linear(band, weight, self.embed.bias[top * p * d : bottom * p * d])
+            x[:, at : at + n * k].view(b, n, k, cols, p, d).copy_(
+                pixels.view(b, n, cols, k, p, d).permute(0, 1, 3, 2, 4, 5)
+            )
+        x = self.pred(x.permute(0, 3, 1, 2))
         return x[:, :, above : above + (stop - first) * p]
 
 

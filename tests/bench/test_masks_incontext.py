@@ -103,9 +103,10 @@ def test_incontext_prompt_paints_every_canvas_once_per_timed_run(tmp_path, monke
     res = json.loads(json.dumps(incontext.run(_args(incontext, argv))))
     assert res["benchmark"] == "incontext --prompt" and res["options"]["canvases"] == 10
     assert [r["method"] for r in res["results"]] == ["painter", "mae"]
-    # per recipe: one canvas batch to build the timed canvases, then for the tool's path and the bare
-    # forward each a warm-up batch of 4 and two timed passes over 4 + 4 + 2
-    assert painted == [4, *[4, 4, 4, 2, 4, 4, 2] * 2] * 2
+    # per recipe: one canvas batch to build the timed canvases and a warm-up batch for the tool's path
+    # and the bare forward each; then two rounds, each timing a pass over 4 + 4 + 2 canvases of every
+    # recipe's two paths in turn
+    assert painted == [4, 4, 4] * 2 + [4, 4, 2] * 4 * 2
     for r in res["results"]:
         assert r["side"] == 32 and r["grid"] == [4, 4] and r["batch_size"] == 4
         assert r["canvases_per_s"] == pytest.approx(10 / r["seconds"])

@@ -54,6 +54,18 @@ def test_palette_round_trip_is_exact(num_classes):
     assert not (palette.colors == cv.VOID_GREY).all(1).any()
 
 
+@pytest.mark.parametrize("num_classes", [4, 150])
+def test_palette_decodes_any_painting_to_its_nearest_colour_by_l1_first_on_ties(num_classes):
+    palette = cv.Palette(num_classes)
+    pixels = torch.rand(2, 3, 7, 5, generator=torch.Generator().manual_seed(1))
+    palette.colors[:2] = torch.tensor([[0.5, 0.5, 0.5], [0.0, 0.0, 0.0]])
+    pixels[0, :, 0, 0] = 0.25  # exactly as far from colours 0 and 1, and nearer than any other
+    palette.colors[2:] = palette.colors[2:].clamp(min=0.75)
+    dist = (pixels.permute(0, 2, 3, 1)[..., None, :] - palette.colors).abs().sum(-1)
+    assert dist[0, 0, 0, 0] == dist[0, 0, 0, 1] == dist[0, 0, 0].min()  # a tie: argmin gives the first
+    assert torch.equal(palette.decode(pixels), dist.argmin(-1))
+
+
 def test_binary_palette_is_black_and_white_and_thresholds():
     palette = cv.Palette(2, binary=True)
     labels = torch.randint(0, 2, (3, 8, 8))
