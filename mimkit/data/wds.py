@@ -37,14 +37,17 @@ continues each stream where the uninterrupted iteration would be. Batches are de
 robin, so after ``c`` batches worker ``k`` continues stream ``(c + k) mod n`` at that stream's share
 of the ``c`` batches. The stream fast-forwards without decoding: shards wholly before the position
 are passed over by their index counts, unopened, and the samples before it in the next shard are
-read but not decoded. Without a shuffle buffer the resumed samples are the uninterrupted ones,
-augmentations included (with the same numbers of ranks and workers). With one, the buffer refills
-from the position: at most ``shuffle`` samples from before it, still waiting in the uninterrupted
-stream's buffer, are missed, and as many it had already drawn from after it are seen again. The
-position counts samples as the index does, so bad data before it (a shard short of its count, an
-image that does not decode) makes the resumed stream repeat as many samples as it lost.
+read but not decoded. The resumed samples are the uninterrupted ones, augmentations included
+(with the same numbers of ranks and workers), with a shuffle buffer too: the buffer
+(:mod:`mimkit.data.shuffle`) replays its draws on sample numbers to know which samples it held at
+the position, the stream is read (undecoded, unopened where whole shards allow) from the oldest
+of them, only those and the ones after the position pass, and the buffer goes on from the
+rebuilt state. In one-pass mode the stream's length, which fixes when the buffer starts to drain,
+comes from the index counts. The position counts samples as the index does, so bad data before it
+(a shard short of its count, an image that does not decode) makes the resumed stream repeat as
+many samples as it lost.
 
-The shuffle buffer draws from a generator seeded by the stream and its position, and each sample's
+The shuffle buffer draws from a generator seeded by the stream alone, and each sample's
 augmentation from a seed of the stream and the sample's place in it, so a stream is reproducible
 from its position and a sample looks the same whether or not the run was resumed. A sample is
 ``{"image", "label", "mask"}`` as from every other source (see :mod:`mimkit.data.sample`).
@@ -64,13 +67,13 @@ import functools
 import io
 import json
 import os
-import random
 import re
 import tarfile
 import urllib.request
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urljoin, urlparse
@@ -87,6 +90,7 @@ from mimkit.data.bad import BadSampleWarning, SampleCounts
 from mimkit.data.folder import load_image
 from mimkit.data.sample import Transform, check_split, make_sample
 from mimkit.data.shards import IMAGE_MEMBERS, INDEX_FORMAT, close_stream, shard_contents
+from mimkit.data.shuffle import buffer_state, shuffled
 from mimkit.data.sources import register_scheme
 
 __all__ = ["BadSampleWarning", "Shard", "ShardSet", "WebDatasetSource", "resolve_shards"]
@@ -460,6 +464,11 @@ class WebDatasetSource(IterableDataset):
         shard_list = wds.SimpleShardList(urls, seed=order_seed)
         return [shard_list, every_nth(rank, world), every_nth(stream, streams)]
 
+    def _stream_length(self, shard_list: list) -> int | None:
+        """Samples in a one-pass stream's shards, by the index's counts (None: a count is unknown)."""
+        counts = [self._by_url[source["url"]].samples for source in wds.DataPipeline(*shard_list)]
+        return None if None in counts else sum(counts)
+
     def _is_whole(self, sample: dict[str, Any]) -> bool:
         """Whether a sample has every member: a cut shard leaves part of one, which collate fails on."""
         if self.members:
@@ -591,15 +600,24 @@ class WebDatasetSource(IterableDataset):
         rank, world, worker, workers = self._place()
         stream, position = self._resume_point(worker, workers)
         key = (self.seed, self.epoch, rank, stream)
-        stages = [
-            *self._shard_list(rank, world, stream, workers),
-            functools.partial(self._whole_samples, skip=position),
-            functools.partial(_numbered, first=position),
-        ]
-        if self.shuffle:
-            rng = random.Random(_mix(*key, _BUFFER, position))
-            # filled before the first draw: a half-full buffer would start each epoch less mixed
-            stages.append(wds.shuffle(self.shuffle, initial=self.shuffle, rng=rng))
+        shard_list = self._shard_list(rank, world, stream, workers)
+        if not self.shuffle:
+            stages = [
+                *shard_list,
+                functools.partial(self._whole_samples, skip=position),
+                functools.partial(_numbered, first=position),
+            ]
+        else:
+            # the buffer as the uninterrupted stream would hold it here, its samples read again
+            length = None if self.resample else self._stream_length(shard_list)
+            state = buffer_state(position, self.shuffle, _mix(*key, _BUFFER), length)
+            stages = [
+                *shard_list,
+                functools.partial(self._whole_samples, skip=state.oldest),
+                functools.partial(_numbered, first=state.oldest),
+                wds.select(lambda sample: state.wants(sample[_POSITION])),
+                functools.partial(shuffled, size=self.shuffle, state=state, position=itemgetter(_POSITION)),
+            ]
         stages += [
             wds.map(self._decode, handler=self._skip_undecodable),
             functools.partial(self._transformed, stream_seed=_mix(*key, _AUGMENT)),
