@@ -26,7 +26,10 @@ query are stitched and the model paints the query's output. Here:
   over query image) is the image stream, the right column (support output over the answer) the
   output stream. Both are patch-embedded by the backbone, take the same positions (the left
   column's) plus a learned segment token each, and masked patches take a mask token (SimMIM-
-  style: the encoder sees every position). The streams run as one batch through blocks
+  style: the encoder sees every position). As in Painter's model, the streams hold patch tokens
+  only: the backbone's cls token is frozen and unused (a painter encoder's cls output is its
+  initial query attending over trained patch tokens; pool the patch tokens for frozen
+  features). The streams run as one batch through blocks
   ``0..merge_block`` and are then averaged token by token (Painter: after block 2), so every
   later token holds an image patch and its output patch together and only the in-context part
   of the task (which colour to paint, read from the prompt pair) goes through attention.
@@ -321,6 +324,8 @@ class Painter(MaskedImageModel):
         init_mae_weights(self)
         for token in (self.mask_token, self.segment_image, self.segment_output):
             nn.init.trunc_normal_(token, std=0.02)
+        if encoder.cls_token is not None:
+            encoder.cls_token.requires_grad_(False)  # the streams hold patch tokens only
 
     # ------------------------------------------------------------------ canvases
 
@@ -386,10 +391,11 @@ class Painter(MaskedImageModel):
 
         The left column (images) and the right column (outputs) are two streams of the same
         positions (the left column's) plus a learned segment token each; masked patches take
-        the mask token (SimMIM-style, so the encoder sees every position). The streams run
-        through the first ``merge_block + 1`` blocks as one batch and are then averaged token by
-        token, so from there each token holds an image patch and its output patch together. The
-        final-normed patch tokens of the four tapped blocks are concatenated.
+        the mask token (SimMIM-style, so the encoder sees every position). As in Painter, the
+        streams hold patch tokens only, no cls token. The streams run through the first
+        ``merge_block + 1`` blocks as one batch and are then averaged token by token, so from
+        there each token holds an image patch and its output patch together. The final-normed
+        tokens of the four tapped blocks are concatenated.
         """
         b = canvases.shape[0]
         tokens = self.encoder.patch_embed(canvases)  # (B, L, D), no positions yet
@@ -398,15 +404,15 @@ class Painter(MaskedImageModel):
         positions = self.encoder.pos_embed[:, self.encoder.num_prefix_tokens :][:, self.image_idx]
         images = tokens[:, self.image_idx] + self.segment_image + positions
         outputs = tokens[:, self.output_idx] + self.segment_output + positions
-        x = self.encoder.with_prefix(torch.cat([images, outputs], dim=0))
+        # patch tokens only, as Painter's own model: a cls token would cost a token per stream
+        x = self.encoder.norm_pre(self.encoder.pos_drop(torch.cat([images, outputs], dim=0)))
 
         def merge_after(i: int, block: nn.Module, h: torch.Tensor) -> torch.Tensor:
             h = block(h)
             return (h[:b] + h[b:]) * 0.5 if i == self.merge_block else h
 
         _, taps = self.encoder.run_blocks(x, merge_after, taps=tuple(self.levels))
-        prefix = self.encoder.num_prefix_tokens
-        return torch.cat([self.encoder.norm(taps[i])[:, prefix:] for i in self.levels], dim=-1)
+        return torch.cat([self.encoder.norm(taps[i]) for i in self.levels], dim=-1)
 
     def predict_outputs(
         self, canvases: torch.Tensor, mask: torch.Tensor, rows: tuple[int, int] | None = None

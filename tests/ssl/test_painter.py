@@ -204,8 +204,9 @@ def test_streams_run_as_one_batch_until_merge_block_then_as_one_averaged_sequenc
     for h in hooks:
         h.remove()
     dim = model.encoder.embed_dim
-    # 16 canvas patches: 8 per stream, plus the cls token; blocks 0 and 1 see both streams
-    assert seen == [(6, 9, dim)] * 2 + [(3, 9, dim)] * 6
+    # 16 canvas patches: 8 per stream, no cls token (Painter's); blocks 0 and 1 see both streams
+    assert seen == [(6, 8, dim)] * 2 + [(3, 8, dim)] * 6
+    assert not model.encoder.cls_token.requires_grad
     assert model.levels == [1, 3, 5, 7]
     with pytest.raises(ValueError, match=r"merge_block=3 must be in \[0, 0\]"):
         build_method({**TINY, "merge_block": 3})
