@@ -111,7 +111,14 @@ def test_incontext_prompt_paints_every_canvas_once_per_timed_run(tmp_path, monke
         assert r["side"] == 32 and r["grid"] == [4, 4] and r["batch_size"] == 4
         assert r["canvases_per_s"] == pytest.approx(10 / r["seconds"])
         assert r["ratio"] == pytest.approx(r["seconds"] / r["forward_seconds"])
-    assert "canvases_per_s" in capsys.readouterr().out
+    painter, mae = res["results"]
+    assert mae["forward_cost_vs_mae_forward"] == mae["cost_vs_mae_path"] == pytest.approx(1.0)
+    assert painter["forward_cost_vs_mae_forward"] == pytest.approx(
+        painter["forward_seconds"] / mae["forward_seconds"]
+    )
+    assert painter["cost_vs_mae_path"] == pytest.approx(painter["seconds"] / mae["seconds"])
+    assert painter["cost_vs_mae_forward"] == pytest.approx(painter["seconds"] / mae["forward_seconds"])
+    assert "cost_vs_mae_path" in capsys.readouterr().out
 
 
 def test_incontext_prompt_refuses_bad_settings(tmp_path):
