@@ -15,11 +15,28 @@ buffer); the mean number of distinct labels per batch is set against the expecte
 batch of a random permutation. The defaults copy the recipes' settings at a smaller scale: shards
 of 1000 and a shuffle buffer of 1000 (the ``wds:`` defaults), batches of 32 and 64 (the ViT-L and
 ViT-B micro batches), 1300 images per class (ImageNet's 1281, about one class per shard).
+
+Against another checkout (``--against-tree DIR``, e.g. an older version from ``git archive``): each
+source is timed by this checkout and by DIR in turn, ``--pairs`` times per worker count (each by
+its own ``_images_per_s`` in a process of its own that stays up, so a pair's two runs are seconds
+apart; DIR runs first in even pairs, second in odd ones; a ``wds:`` stream seeded by the pair's
+number, the same for both), and each pair gives a ratio, this checkout's images/s over DIR's. The
+two runs of a pair share the machine's state, so the median ratio is steadier than either side's
+best run::
+
+    git archive a3ccdd3^ | tar -x -C /tmp/oldmimkit
+    python tools/benchmark.py data wds:/tmp/wds_bench/wds/train-index.json --against-tree /tmp/oldmimkit \\
+        --workers 0 1 2 --images 600 --pairs 16 --json benchmarks/data_reader_ab2.json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -173,6 +190,89 @@ def _speeds(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+# A checkout's own ``_images_per_s`` (its mimkit imported from it), run once per line of arguments.
+_SERVE = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from benchmarks.data import _images_per_s
+for line in sys.stdin:
+    print(_images_per_s(*json.loads(line)), flush=True)
+"""
+
+
+def _seeded(source: str, seed: int) -> str:
+    """A ``wds:`` spec that reads the stream of ``seed`` (unless it names one), other sources as they are.
+
+    Each pair then reads other samples under other crops, so neither checkout keeps one stream's
+    share of cheap or costly images for every run.
+    """
+    if not source.startswith("wds:") or "seed=" in source:
+        return source
+    return f"{source}{'&' if '?' in source else '?'}seed={seed}"
+
+
+def _against(args: argparse.Namespace) -> list[dict]:
+    """Alternated runs of DIR and this checkout, each in a process of its own that stays up between
+    its runs (so a pair is seconds apart); per pair, this checkout's images/s over DIR's."""
+    if args.pairs < 1:
+        raise ValueError(f"--pairs must be at least 1, got {args.pairs}")
+    this, other = Path(__file__).resolve().parents[1], Path(args.against_tree).resolve()
+    if not (other / "benchmarks" / "data.py").is_file():
+        raise FileNotFoundError(f"--against-tree {other} has no benchmarks/data.py")
+    servers = [
+        subprocess.Popen(
+            [sys.executable, "-c", _SERVE, str(tree)],
+            cwd=tree,
+            env={**os.environ, "PYTHONPATH": str(tree)},  # its own mimkit, not this one
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for tree in (other, this)
+    ]
+
+    def one_run(server: subprocess.Popen, source: str, workers: int) -> float:
+        options = [source, workers, args.images, args.batch, args.img_size, args.transform]
+        server.stdin.write(json.dumps(options) + "\n")
+        server.stdin.flush()
+        answer = server.stdout.readline()
+        if not answer:
+            raise ValueError(f"the benchmark process of {server.args[-1]} failed on {source} (see above)")
+        return round(float(answer), 1)
+
+    rows = []
+    try:
+        for source in args.sources:
+            for workers in args.workers:
+                runs = []
+                for pair in range(args.pairs):  # DIR first, then this checkout first: drift cancels
+                    order = servers if pair % 2 == 0 else servers[::-1]
+                    speeds = {id(s): one_run(s, _seeded(source, pair), workers) for s in order}
+                    runs.append(tuple(speeds[id(s)] for s in servers))
+                ratios = [mine / theirs for theirs, mine in runs]
+                rows.append(
+                    {
+                        "source": source,
+                        "workers": workers,
+                        "against_images_per_s": [theirs for theirs, _ in runs],
+                        "this_images_per_s": [mine for _, mine in runs],
+                        "ratios": [round(r, 3) for r in ratios],
+                        "median_ratio": round(statistics.median(ratios), 3),
+                    }
+                )
+                theirs, mine = (statistics.median(side) for side in zip(*runs))
+                spread, median = f"{min(ratios):.3f}-{max(ratios):.3f}", rows[-1]["median_ratio"]
+                print(
+                    f"{source} {workers} workers: {other.name} {theirs:.1f}, this {mine:.1f} images/s "
+                    f"(medians); ratios {spread}, median {median:.3f}"
+                )
+    finally:
+        for server in servers:
+            server.stdin.close()
+            server.wait()
+    return rows
+
+
 def run(args: argparse.Namespace) -> dict:
     """``data``: images/s per worker count for each source; with ``--diversity``, the class mix."""
     if not args.sources and not args.diversity:
@@ -180,7 +280,12 @@ def run(args: argparse.Namespace) -> dict:
     machine = machine_info()
     options = {k: getattr(args, k) for k in ("images", "batch", "img_size", "transform", "repeat")}
     result = {"benchmark": "data", "options": options, "machine": machine}
-    result["results"] = _speeds(args) if args.sources else []
+    if args.against_tree:  # each run of a pair is a single one
+        options["repeat"], options["pairs"] = 1, args.pairs
+        result["against_tree"] = str(Path(args.against_tree).resolve())
+        result["results"] = _against(args) if args.sources else []
+    else:
+        result["results"] = _speeds(args) if args.sources else []
     if args.diversity:
         keys = ("classes", "per_class", "shard_size", "shuffle", "batch", "batches")
         result["diversity_options"] = {k: getattr(args, f"diversity_{k}") for k in keys}
@@ -196,6 +301,12 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--img-size", type=int, default=224, help="augmented image side (default 224)")
     parser.add_argument("--transform", default="pretrain", help="transform kind (default pretrain)")
     parser.add_argument("--repeat", type=int, default=3, help="runs per setting; the best counts (default 3)")
+    parser.add_argument(
+        "--against-tree",
+        metavar="DIR",
+        help="time each source from this checkout and from DIR in alternated fresh processes",
+    )
+    parser.add_argument("--pairs", type=int, default=5, help="runs of each checkout with --against-tree (5)")
     parser.add_argument(
         "--diversity", action="store_true", help="also measure distinct labels per batch of shards"
     )

@@ -581,17 +581,25 @@ class WebDatasetSource(IterableDataset):
         raise exn
 
     def _transformed(self, decoded: Iterable[dict[str, Any]], stream_seed: int) -> Iterator[dict]:
-        """Each decoded sample under a seed of its place in the stream, counted as delivered."""
+        """Each decoded sample under a seed of its place in the stream, counted as delivered.
+
+        The caller's stream (e.g. the masks') is left alone: the CPU generator's state is saved
+        and restored around each sample, as ``torch.random.fork_rng(devices=[])`` does, without
+        its per-call overhead. Only the CPU generator is seeded: ``torch.manual_seed`` also
+        queues lazy CUDA/XPU seeding.
+        """
+        generator = torch.default_generator
         for d in decoded:
-            seed = _mix(stream_seed, d["position"])
             parts = {"label": d["label"], "mask": d["mask"]}
             if self.transform is None:
                 sample = make_sample(d["image"], **parts)
             else:
-                with torch.random.fork_rng(devices=[]):  # leave the caller's stream (e.g. the masks) alone
-                    # the CPU generator alone: torch.manual_seed also queues lazy CUDA/XPU seeding
-                    torch.default_generator.manual_seed(seed)
+                caller_state = generator.get_state()
+                try:
+                    generator.manual_seed(_mix(stream_seed, d["position"]))
                     sample = make_sample(d["image"], **parts, transform=self.transform)
+                finally:
+                    generator.set_state(caller_state)
             self.counts.delivered()
             yield sample
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 from torch.utils.data import DataLoader, default_collate
+from torchvision.transforms.v2 import functional as F
 
 from mimkit.data import ImageFolderSource, Normalization, build_source, build_transform, load_image
 from mimkit.data.bad import BadSampleWarning
@@ -225,6 +226,21 @@ def test_load_image_still_raises_naming_the_file(tmp_path):
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="cannot decode image file .*cut.jpg"):
         load_image(path)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "BMP"])
+@pytest.mark.parametrize("as_path", [False, True])
+def test_load_image_gives_pil_to_tensor_pixels_and_layout(tmp_path, fmt, as_path):
+    data = noisy_image_bytes(fmt)
+    path = tmp_path / f"noise.{fmt.lower()}"
+    path.write_bytes(data)
+    with Image.open(io.BytesIO(data)) as img:
+        expected = F.pil_to_tensor(img.convert("RGB"))
+    image = load_image(path if as_path else data)
+    assert image.dtype == torch.uint8 and image.shape == (3, 64, 64)
+    assert image.stride() == expected.stride()  # channels-last, as pil_to_tensor lays it out
+    assert torch.equal(image, expected)
+    image += 1  # a tensor of its own, writable
 
 
 def test_counts_from_two_loader_workers_reach_the_main_process(tmp_path):

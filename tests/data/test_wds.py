@@ -13,7 +13,14 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, default_collate, get_worker_info
 
-from mimkit.data import BadSampleWarning, WebDatasetSource, build_source, resolve_shards, write_shards
+from mimkit.data import (
+    BadSampleWarning,
+    WebDatasetSource,
+    build_source,
+    build_transform,
+    resolve_shards,
+    write_shards,
+)
 
 SOURCE = "synthetic:shapes?size=32&train=24&val=4"
 
@@ -152,6 +159,21 @@ def test_stream_is_seeded_by_its_position(shard_dir):
     assert stream(start=0, epoch=1) != stream(start=0, epoch=0)
     assert stream(2, start=3) == stream(2, start=3)  # each worker's stream is seeded too
     assert stream(2, start=3, rank=1, world_size=2) != stream(2, start=3, rank=0, world_size=2)
+
+
+def test_augmentation_leaves_the_callers_generator_alone(shard_dir):
+    ds = build_source(f"wds:{shard_dir}/train-index.json?shuffle=4", "train", build_transform("pretrain", 16))
+    ds.configure(resample=True, samples=8, batch=4, seed=1)
+
+    def read(caller_seed: int):
+        torch.manual_seed(caller_seed)
+        keys = [_key(s) for s in ds]  # in this process (a DataLoader draws its own seed)
+        return keys, torch.rand(4)
+
+    keys, after = read(0)
+    torch.manual_seed(0)
+    assert torch.equal(after, torch.rand(4))  # as if nothing had been read
+    assert read(1)[0] == keys  # the augmentations come from the sample's seed, not the caller's
 
 
 @pytest.fixture
