@@ -111,7 +111,12 @@ class Backbone(VisionTransformer):
         """(B, K, D) patch tokens -> (B, 1 + K, D): the cls token (with its zero position) prepended,
         then timm's position dropout and pre-norm, ready for :meth:`run_blocks`."""
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1)
-        return self.norm_pre(self.pos_drop(torch.cat([cls, tokens], dim=1)))
+        return self.ready_for_blocks(torch.cat([cls, tokens], dim=1))
+
+    def ready_for_blocks(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) -> (B, T, D): timm's position dropout and pre-norm, nothing prepended; for
+        sequences that hold no cls token (Painter's streams), else see :meth:`with_prefix`."""
+        return self.norm_pre(self.pos_drop(tokens))
 
     def run_blocks(
         self,

@@ -405,7 +405,7 @@ class Painter(MaskedImageModel):
         images = tokens[:, self.image_idx] + self.segment_image + positions
         outputs = tokens[:, self.output_idx] + self.segment_output + positions
         # patch tokens only, as Painter's own model: a cls token would cost a token per stream
-        x = self.encoder.norm_pre(self.encoder.pos_drop(torch.cat([images, outputs], dim=0)))
+        x = self.encoder.ready_for_blocks(torch.cat([images, outputs], dim=0))
 
         def merge_after(i: int, block: nn.Module, h: torch.Tensor) -> torch.Tensor:
             h = block(h)

@@ -151,3 +151,5 @@ def test_public_steps_compose_into_timm_forward():
 
     y, _ = vit.run_blocks(vit.with_prefix(vit.patch_tokens(images)), doubled)
     assert seen == [0, 1, 2] and not torch.allclose(x, y)
+    tokens = vit.patch_tokens(images)  # a sequence without the cls token takes the same steps
+    torch.testing.assert_close(vit.ready_for_blocks(tokens), vit.with_prefix(tokens)[:, 1:])
