@@ -22,6 +22,10 @@ of those read.
 Modes. Every image comes out RGB uint8 (the transforms then bring it to ``data.channels``): alpha is
 dropped (a pixel keeps its stored colour), palettes are expanded, and 16-bit greyscale is scaled to
 8 bits (PIL's own conversion clips it at 255 instead).
+
+Decoding. PIL decodes every format; a whole greyscale or colour JPEG (ImageNet's format) is decoded
+by torchvision's libjpeg-turbo straight into a tensor instead, with the same pixels, a third
+faster.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile
 from torch.utils.data import Dataset
+from torchvision.io import ImageReadMode, decode_jpeg
 
 from mimkit.data.bad import SampleCounts
 from mimkit.data.sample import SPLITS, Transform, check_split, make_sample
@@ -48,6 +53,7 @@ IMAGE_EXTENSIONS = (".bmp", ".jpeg", ".jpg", ".pgm", ".png", ".ppm", ".tif", ".t
 MAX_REPLACEMENTS = 32
 # Greyscale modes wider than 8 bits: 16-bit PNGs and TIFFs open as I;16 (or I in older Pillow).
 _WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_JPEG_START, _JPEG_END = b"\xff\xd8\xff", b"\xff\xd9"
 
 Sample = tuple[str, int | None]
 
@@ -63,7 +69,11 @@ def load_image(source: str | os.PathLike | bytes, name: str | None = None) -> to
     _warn_if_truncated_images_load()
     is_bytes = isinstance(source, (bytes, bytearray, memoryview))
     try:
-        with Image.open(io.BytesIO(source) if is_bytes else source) as img:
+        data = bytes(source) if is_bytes else Path(source).read_bytes()
+        fast = _whole_jpeg(data)
+        if fast is not None:
+            return fast
+        with Image.open(io.BytesIO(data)) as img:
             img.load()
             # read out before the file closes: an RGB image is ``img`` itself
             return _rgb_tensor(_to_rgb(img))
@@ -93,6 +103,25 @@ def read_or_replace(index: int, length: int, read: Callable[[int], Any], counts:
         f"none of {1 + MAX_REPLACEMENTS} images tried for {where} (it and {MAX_REPLACEMENTS} drawn at "
         "random) can be decoded; is the data readable? (the warnings above name each image)"
     )
+
+
+def _whole_jpeg(data: bytes) -> torch.Tensor | None:
+    """A JPEG of 1 or 3 channels decoded by torchvision's libjpeg-turbo straight into a (3, H, W)
+    tensor, a third faster than PIL and the copy out of it, with the same pixels; None for
+    anything else, which PIL then decodes or rejects: not a JPEG, a file not ending in its
+    end-of-image marker (cut short: libjpeg would pad it with grey and only warn), CMYK (PIL's
+    conversion is the reference), or an error."""
+    if not (data.startswith(_JPEG_START) and data.endswith(_JPEG_END)):
+        return None
+    try:
+        image = decode_jpeg(
+            torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.UNCHANGED
+        )
+    except RuntimeError:
+        return None
+    if image.shape[0] == 1:  # greyscale, replicated as PIL's L -> RGB does
+        return image.expand(3, -1, -1).contiguous()
+    return image if image.shape[0] == 3 else None
 
 
 def _rgb_tensor(rgb: Image.Image) -> torch.Tensor:

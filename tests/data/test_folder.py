@@ -243,6 +243,23 @@ def test_load_image_gives_pil_to_tensor_pixels_and_layout(tmp_path, fmt, as_path
     image += 1  # a tensor of its own, writable
 
 
+@pytest.mark.parametrize("mode", ["RGB", "L", "CMYK"])
+@pytest.mark.parametrize("subsampling", [0, 2])  # 4:4:4 and 4:2:0 chroma
+@pytest.mark.parametrize("progressive", [False, True])
+def test_jpegs_decode_to_the_pixels_pil_gives_them(mode, subsampling, progressive):
+    pixels = np.random.default_rng(1).integers(0, 256, (48, 40, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    options = {"quality": 85, "subsampling": subsampling, "progressive": progressive}
+    Image.fromarray(pixels).convert(mode).save(buffer, "JPEG", **options)
+    data = buffer.getvalue()
+    with Image.open(io.BytesIO(data)) as img:
+        expected = F.pil_to_tensor(img.convert("RGB"))
+    image = load_image(data)
+    assert image.shape == (3, 48, 40) and torch.equal(image, expected)
+    with pytest.raises(ValueError, match="cannot decode image bytes"):
+        load_image(data[: len(data) * 2 // 3])  # cut inside the scan: no end-of-image marker
+
+
 def test_counts_from_two_loader_workers_reach_the_main_process(tmp_path):
     for i in range(8):
         (tmp_path / f"{i}.png").write_bytes(noisy_image_bytes("PNG", seed=i))
