@@ -109,8 +109,8 @@ def _whole_jpeg(data: bytes) -> torch.Tensor | None:
     """A JPEG of 1 or 3 channels decoded by torchvision's libjpeg-turbo straight into a (3, H, W)
     tensor, a third faster than PIL and the copy out of it, with the same pixels; None for
     anything else, which PIL then decodes or rejects: not a JPEG, a file not ending in its
-    end-of-image marker (cut short: libjpeg would pad it with grey and only warn), CMYK (PIL's
-    conversion is the reference), or an error."""
+    end-of-image marker (cut short, so that PIL's verdict on damage stays the only one), CMYK
+    (PIL's conversion is the reference), or a decoding error."""
     if not (data.startswith(_JPEG_START) and data.endswith(_JPEG_END)):
         return None
     try:
