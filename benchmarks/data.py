@@ -246,9 +246,9 @@ def _against(args: argparse.Namespace) -> list[dict]:
             for workers in args.workers:
                 runs = []
                 for pair in range(args.pairs):  # DIR first, then this checkout first: drift cancels
-                    order = servers if pair % 2 == 0 else servers[::-1]
-                    speeds = {id(s): one_run(s, _seeded(source, pair), workers) for s in order}
-                    runs.append(tuple(speeds[id(s)] for s in servers))
+                    order = (0, 1) if pair % 2 == 0 else (1, 0)
+                    speed = {k: one_run(servers[k], _seeded(source, pair), workers) for k in order}
+                    runs.append((speed[0], speed[1]))
                 ratios = [mine / theirs for theirs, mine in runs]
                 rows.append(
                     {
@@ -304,7 +304,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--against-tree",
         metavar="DIR",
-        help="time each source from this checkout and from DIR in alternated fresh processes",
+        help="time each source from this checkout and from DIR in alternation, pair by pair",
     )
     parser.add_argument("--pairs", type=int, default=5, help="runs of each checkout with --against-tree (5)")
     parser.add_argument(

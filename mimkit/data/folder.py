@@ -24,8 +24,8 @@ dropped (a pixel keeps its stored colour), palettes are expanded, and 16-bit gre
 8 bits (PIL's own conversion clips it at 255 instead).
 
 Decoding. PIL decodes every format; a whole greyscale or colour JPEG (ImageNet's format) is decoded
-by torchvision's libjpeg-turbo straight into a tensor instead, with the same pixels, a third
-faster.
+by torchvision's libjpeg-turbo straight into a tensor instead, with the same pixels, in two
+thirds of the time.
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ def read_or_replace(index: int, length: int, read: Callable[[int], Any], counts:
 
 def _whole_jpeg(data: bytes) -> torch.Tensor | None:
     """A JPEG of 1 or 3 channels decoded by torchvision's libjpeg-turbo straight into a (3, H, W)
-    tensor, a third faster than PIL and the copy out of it, with the same pixels; None for
+    tensor, in two thirds of the time of PIL and the copy out of it, with the same pixels; None for
     anything else, which PIL then decodes or rejects: not a JPEG, a file not ending in its
     end-of-image marker (cut short, so that PIL's verdict on damage stays the only one), CMYK
     (PIL's conversion is the reference), or a decoding error."""
@@ -126,7 +126,7 @@ def _whole_jpeg(data: bytes) -> torch.Tensor | None:
 
 def _rgb_tensor(rgb: Image.Image) -> torch.Tensor:
     """An RGB image's pixels as uint8 (3, H, W), as torchvision's ``pil_to_tensor`` gives them (the
-    same values and channels-last strides), from one ``tobytes`` copied once: a quarter faster."""
+    same values and channels-last strides), from one ``tobytes`` copied once: a quarter less time."""
     width, height = rgb.size
     pixels = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8)
     return pixels.view(height, width, 3).permute(2, 0, 1)
