@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import math
 import os
+import statistics
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -277,7 +279,9 @@ def evaluate_prompting(
     first ``num_queries`` of ``val``'s val split, scored at ``label_size`` (the canvas side by
     default). Returns a result dict (:func:`mimkit.eval.common.result`); ``results`` holds per
     task the mean over seeds (and ``per_seed``) of ``fg_iou`` / ``fg_iou_pooled`` /
-    ``binary_miou`` or ``miou`` / ``pixel_acc``, in percent.
+    ``binary_miou`` or ``miou`` / ``pixel_acc``, in percent; for ``fg`` also ``fg_iou_by_class``
+    (the episodes' mean IoU per foreground class, Pascal-5i's per-class view, which shows what a
+    model fails on) and ``episodes_by_class`` (episodes per seed).
     """
     _check_settings(tasks, shots, selection, seeds, num_queries, pool_size, batch_size)
     val = val or train
@@ -327,6 +331,7 @@ def evaluate_prompting(
             fg_all = foreground_of(query_masks, ignore, g) if task == "fg" else None
             conf = ConfusionMatrix(2 if task == "fg" else num_classes, ignore)
             episode_iou: list[float] = []
+            episode_class: list[int] = []
             all_fg_iou: list[float] = []  # what painting everything foreground scores
             bar = tqdm(total=query_n, desc=f"{task} seed {seed}", disable=not progress, leave=False)
             for lo in range(0, query_n, batch_size):
@@ -359,11 +364,12 @@ def evaluate_prompting(
                     target = (q_mask == fg[:, None, None]).long()
                     if ignore is not None:
                         target = torch.where(q_mask == ignore, q_mask.new_tensor(ignore), target)
-                    for p, t in zip(pred, target):
+                    for p, t, c in zip(pred, target, fg.tolist()):
                         valid = t != ignore if ignore is not None else torch.ones_like(t, dtype=bool)
                         inter = ((p == 1) & (t == 1) & valid).sum().item()
                         union = (((p == 1) | (t == 1)) & valid).sum().item()
                         episode_iou.append(inter / union if union else 1.0)
+                        episode_class.append(c)
                         truth, area = ((t == 1) & valid).sum().item(), valid.sum().item()
                         all_fg_iou.append(truth / area if area else 1.0)
                 conf.update(pred, target)
@@ -376,6 +382,8 @@ def evaluate_prompting(
                     "fg_iou_pooled": 100 * float(iou[1]),
                     "binary_miou": 100 * conf.miou(),
                     "fg_iou_all_foreground": 100 * sum(all_fg_iou) / max(len(all_fg_iou), 1),
+                    "fg_iou_by_class": _mean_by_class(episode_iou, episode_class, names),
+                    "episodes_by_class": {names[c]: n for c, n in sorted(Counter(episode_class).items())},
                 }
             else:
                 scores = {"miou": 100 * conf.miou(), "pixel_acc": 100 * conf.pixel_accuracy()}
@@ -385,6 +393,10 @@ def evaluate_prompting(
     for task, runs in per_seed.items():
         entry: dict[str, Any] = {}
         for key in runs[0]:
+            if isinstance(runs[0][key], dict):  # per class: the mean over the seeds that drew it
+                seen = dict.fromkeys(n for r in runs for n in r[key])
+                entry[key] = {n: statistics.fmean(r[key][n] for r in runs if n in r[key]) for n in seen}
+                continue
             values = [r[key] for r in runs]
             mean = sum(values) / len(values)
             std = math.sqrt(sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1))
@@ -419,6 +431,14 @@ def evaluate_prompting(
         "prompt", "visual prompting by inpainting", describe_encoder(method.encoder), data, settings, results,
         examples_png=png_path, seconds=round(time.time() - start, 1),
     )  # fmt: skip
+
+
+def _mean_by_class(values: list[float], classes: list[int], names: list[str]) -> dict[str, float]:
+    """Percent mean of ``values`` per class id, keyed by class name, in class order."""
+    by_class: dict[int, list[float]] = {}
+    for v, c in zip(values, classes):
+        by_class.setdefault(c, []).append(v)
+    return {names[c]: 100 * sum(v) / len(v) for c, v in sorted(by_class.items())}
 
 
 def write_examples(path: str | os.PathLike, canvases: torch.Tensor, rows: int) -> Path:
@@ -458,8 +478,12 @@ def format_prompting(res: dict[str, Any]) -> str:
         columns.append(("random init", res["random_init"]["results"]))
     rows = []
     for task, entry in res["results"].items():
-        for key in entry:
-            if key.endswith("_std") or key == "per_seed":
+        for key, value in entry.items():
+            if key.endswith("_std") or key in ("per_seed", "episodes_by_class"):
+                continue
+            if isinstance(value, dict):  # one row per class
+                for name in value:
+                    rows.append([f"{task} {key}: {name}", *(c[1][task][key].get(name, "-") for c in columns)])
                 continue
             rows.append([f"{task} {key}", *(c[1][task][key] for c in columns)])
     s = res["settings"]

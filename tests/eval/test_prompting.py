@@ -68,9 +68,30 @@ def test_oracle_copying_the_support_scores_100_on_identical_support_and_query():
     assert res["results"]["fg"]["fg_iou_pooled"] == pytest.approx(100.0)
     assert res["results"]["semantic"]["miou"] == pytest.approx(100.0)
     assert res["results"]["semantic"]["pixel_acc"] == pytest.approx(100.0)
+    assert list(res["results"]["fg"]["fg_iou_by_class"].values()) == pytest.approx([100.0] * 3)
     # with other images as supports the copy is wrong
     other = evaluate_prompting(CopySupportLabel(), Normalization(), SOURCE, label_size=cell, progress=False)
     assert other["results"]["semantic"]["miou"] < 90.0
+
+
+def test_per_class_foreground_iou_weighs_back_to_the_mean():
+    cell = cv.cell_size(32, 1)
+    res = evaluate_prompting(
+        CopySupportLabel(), Normalization(), SOURCE, label_size=cell, seeds=(0, 1), progress=False
+    )
+    fg = res["results"]["fg"]
+    names = ("fine", "medium", "coarse")
+    for run in fg["per_seed"]:
+        by_class, counts = run["fg_iou_by_class"], run["episodes_by_class"]
+        assert set(by_class) == set(counts) and set(by_class) <= set(names)
+        assert sum(counts.values()) == res["data"]["num_queries"]
+        weighted = sum(by_class[c] * counts[c] for c in by_class) / sum(counts.values())
+        assert weighted == pytest.approx(run["fg_iou"])
+    # the seeds' mean, class by class
+    for name, value in fg["fg_iou_by_class"].items():
+        seen = [r["fg_iou_by_class"][name] for r in fg["per_seed"] if name in r["fg_iou_by_class"]]
+        assert value == pytest.approx(sum(seen) / len(seen))
+    assert min(fg["fg_iou_by_class"].values()) < 100.0  # other supports: the copy is wrong somewhere
 
 
 def test_norm_pix_model_is_refused_naming_the_recipe_key(tmp_path):
@@ -92,6 +113,8 @@ def test_result_fields_and_random_init(tmp_path):
         "fg_iou_pooled",
         "binary_miou",
         "fg_iou_all_foreground",
+        "fg_iou_by_class",
+        "episodes_by_class",
         "per_seed",
     } <= fg.keys()
     assert {"miou", "pixel_acc", "per_seed"} <= sem.keys() and len(sem["per_seed"]) == 2
