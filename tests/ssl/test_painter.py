@@ -163,11 +163,20 @@ def test_painter_needs_masks_for_mask_tasks_and_names_them():
 
 
 @pytest.mark.parametrize(
-    "recipe", ["recipes/demo/painter_vit_tiny.yaml", "recipes/painter/vit_large_patch16.yaml"]
+    "recipe",
+    [
+        "recipes/demo/painter_vit_tiny.yaml",
+        "recipes/demo/painter_vit_tiny6_canvas96.yaml",
+        "recipes/painter/vit_large_patch16.yaml",
+    ],
 )
 def test_painter_recipes_validate(recipe):
     r = load_recipe(REPO / recipe, check_data=False)
     assert r.method.name == "painter"
+    if "demo" in recipe:  # small enough to build: the options must fit the encoder (merge_block, grid)
+        model = build_method(r.method.to_dict())
+        assert len(model.encoder.blocks) == r.method.backbone.get("depth", 12)
+        assert model.merge_block <= min(model.levels)
 
 
 def test_foreground_canvases_pair_images_that_hold_the_class():
