@@ -173,10 +173,14 @@ def test_painter_needs_masks_for_mask_tasks_and_names_them():
 def test_painter_recipes_validate(recipe):
     r = load_recipe(REPO / recipe, check_data=False)
     assert r.method.name == "painter"
-    if "demo" in recipe:  # small enough to build: the options must fit the encoder (merge_block, grid)
+    if "demo" in recipe:  # small enough to build and run: the options must fit the encoder
+        torch.manual_seed(0)
         model = build_method(r.method.to_dict())
-        assert len(model.encoder.blocks) == r.method.backbone.get("depth", 12)
-        assert model.merge_block <= min(model.levels)
+        if "depth" in r.method.backbone:
+            assert len(model.encoder.blocks) == r.method.backbone["depth"]
+        side = model.side
+        out = model({"image": torch.randn(2, 3, side, side), "mask": torch.randint(0, 4, (2, side, side))})
+        assert torch.isfinite(out["loss"]) and out["canvas"].shape == (2, 3, side, side)
 
 
 def test_foreground_canvases_pair_images_that_hold_the_class():
